@@ -1,0 +1,1 @@
+"""Flows of the VeCAF pipeline (see DESIGN.md)."""

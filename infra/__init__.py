@@ -1,0 +1,1 @@
+"""Infra of the VeCAF pipeline (see DESIGN.md)."""

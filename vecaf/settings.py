@@ -1,0 +1,133 @@
+"""The one settings object of the project.
+
+Every knob lives here, grouped by part. Values come from (highest priority first): keyword arguments,
+``VECAF_*`` environment variables (nested with ``__``, e.g. ``VECAF_MODELS__PVM=resnet18``), an optional
+YAML file (``VECAF_CONFIG=path.yaml`` or ``load_settings(path)``), then the defaults below.
+
+Settings are read once, by the entry point (CLI, flow, benchmark), and passed down. Nothing here runs at
+import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class ModelSettings(BaseModel):
+    """Which pretrained models the pipeline uses (see ``vecaf.models``)."""
+
+    pvm: str = "efficientnet_lite0"
+    pvm_checkpoint: Path | None = None
+    text_encoder: str = "all-MiniLM-L6-v2"
+    captioner: str = "imagenet-labels"
+    allow_hub: bool = Field(False, description="Allow downloading weights named by the user from a hub.")
+    device: str = Field("auto", description="'auto' picks CUDA when present, else CPU.")
+    batch_size: int = Field(64, gt=0)
+    num_workers: int = Field(0, ge=0)
+
+
+class DataSettings(BaseModel):
+    """Where the image pool comes from."""
+
+    dataset: str = "fashion-mnist"
+    root: Path | None = Field(None, description="Dataset folder; None uses the dataset's default location.")
+    image_size: int | None = Field(None, gt=0, description="Override the PVM's input size (smaller is faster).")
+    strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and reporting it.")
+
+
+class StackSettings(BaseModel):
+    """The local servers started by ``vecaf stack up``."""
+
+    host: str = "127.0.0.1"
+    state_dir: Path = Path(".vecaf")
+    prefect_port: int = Field(4200, gt=0, lt=65536)
+    mlflow_port: int = Field(5000, gt=0, lt=65536)
+    s3_port: int = Field(9000, gt=0, lt=65536)
+    s3_access_key: str = "vecaf"
+    s3_secret_key: SecretStr = SecretStr("vecaf-secret-key")
+    bucket: str = "vecaf"
+    work_pool: str = "vecaf-process"
+
+
+class Settings(BaseSettings):
+    """All settings of the VeCAF pipeline."""
+
+    model_config = SettingsConfigDict(env_prefix="VECAF_", env_nested_delimiter="__", extra="forbid")
+
+    models: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    stack: StackSettings = StackSettings()
+    seed: int = 0
+    cache_dir: Path = Path(".vecaf/cache")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``VECAF_CONFIG`` (if any)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("VECAF_CONFIG")
+        if not path:
+            return {}
+        return _read_yaml(Path(path))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"settings file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"settings file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once: ``overrides`` > ``VECAF_*`` env vars > YAML file (``path`` or ``VECAF_CONFIG``)."""
+    if path is None:
+        return Settings(**overrides)
+    previous = os.environ.get("VECAF_CONFIG")
+    os.environ["VECAF_CONFIG"] = str(path)
+    try:
+        return Settings(**overrides)
+    finally:
+        if previous is None:
+            os.environ.pop("VECAF_CONFIG", None)
+        else:
+            os.environ["VECAF_CONFIG"] = previous
+
+
+def resolve_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when a CUDA device is visible, else 'cpu'; any other name is returned as is."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dump_settings(settings: Settings) -> str:
+    """The resolved settings as YAML (secrets masked), for logging beside a run so it can be rerun."""
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
+
+
