@@ -25,3 +25,7 @@ def _deterministic_torch():
 
     torch.manual_seed(0)
     yield
+
+
+# The real local stack (Prefect, MLflow, S3, worker) on free ports, shared by tests/integration and tests/flows.
+from stack_fixtures import free_port, stack, stack_environ, stack_settings  # noqa: E402,F401
