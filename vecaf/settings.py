@@ -55,6 +55,12 @@ class StackSettings(BaseModel):
     s3_secret_key: SecretStr = SecretStr("vecaf-secret-key")
     bucket: str = "vecaf"
     work_pool: str = "vecaf-process"
+    feast_dir: Path | None = Field(None, description="Feast repo/data folder; None means <state_dir>/feast.")
+
+    @property
+    def feast_path(self) -> Path:
+        """Where the Feast registry, online store and offline Parquet live."""
+        return self.feast_dir if self.feast_dir is not None else self.state_dir / "feast"
 
 
 class Settings(BaseSettings):
