@@ -1,0 +1,179 @@
+"""Speed benchmarks of the data path: both scripts run end to end on tiny sizes, their helpers by hand.
+
+``benchmarks/extract_speed.py`` and ``benchmarks/feast_speed.py`` run with ``--quick`` in subprocesses
+(started together, to share the wait) writing to a temp folder; the tests check that every figure the
+issue asks for is in the JSON as a finite number and that the derived figures agree with the raw ones
+(rates r = N / t, ratios recomputed from the per-round seconds). No timing is asserted. The two runs
+take ~25 s on two idle cores (mostly importing torch, timm and Feast), hence the ``slow`` mark.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+EXTRACT_NUMBERS = [
+    "n_images", "batch_size", "image_size", "embedding_dim", "plain_images_per_s", "ours_images_per_s",
+    "ratio_ours_over_plain", "ratio_of_median_rates", "max_abs_diff", "rtol", "atol",
+]
+FEAST_NUMBERS = [
+    "n_rows", "embedding_dim", "compute_images_per_s", "write_rows_per_s", "materialize_rows_per_s",
+    "write_and_materialize_rows_per_s", "read_rows_per_s", "apply_s", "lookup_latency_ms_median",
+    "lookup_latency_ms_p95", "batch_lookup_rows_per_s", "ratio_store_over_compute",
+    "ratio_store_over_compute_without_apply",
+]
+
+
+def _load_common():
+    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "_common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    runs = {
+        "extract": [sys.executable, str(BENCH / "extract_speed.py"), "--quick", "--out", str(out / "extract.json")],
+        "feast": [sys.executable, str(BENCH / "feast_speed.py"), "--quick", "--out", str(out / "feast.json")],
+    }
+    procs = {
+        name: subprocess.Popen(cmd, cwd=out, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, cmd in runs.items()
+    }
+    outputs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name} failed:\n{outputs[name][-4000:]}"
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in runs}
+
+
+@pytest.mark.slow
+def test_extract_report_has_every_figure_as_a_number(reports):
+    report = reports["extract"]
+    for key in EXTRACT_NUMBERS:
+        assert _is_number(report[key]), (key, report.get(key))
+    assert report["n_images"] == 16 and report["batch_size"] == 8 and report["image_size"] == 32
+    assert report["embedding_dim"] == 1280
+    assert isinstance(report["allclose"], bool) and isinstance(report["meets_goal"], bool)
+    for key in ("load_average_at_start", "cpu", "torch", "cpu_count"):
+        assert key in report["machine"]
+
+
+@pytest.mark.slow
+def test_extract_figures_agree_with_the_per_round_seconds(reports):
+    report = reports["extract"]
+    n = report["n_images"]
+    plain_s, ours_s = report["plain"]["seconds_runs"], report["ours"]["seconds_runs"]
+    assert len(plain_s) == len(ours_s) == report["repeats"] == 2
+    assert report["plain"]["per_s_runs"] == pytest.approx([n / t for t in plain_s])
+    assert report["plain_images_per_s"] == pytest.approx((n / plain_s[0] + n / plain_s[1]) / 2)
+    assert report["ours_images_per_s"] == pytest.approx((n / ours_s[0] + n / ours_s[1]) / 2)
+    paired = [plain_s[0] / ours_s[0], plain_s[1] / ours_s[1]]
+    assert report["ratio_ours_over_plain"] == pytest.approx((paired[0] + paired[1]) / 2)
+    assert report["ratio_of_median_rates"] == pytest.approx(report["ours_images_per_s"] / report["plain_images_per_s"])
+
+
+@pytest.mark.slow
+def test_extract_embeddings_match_the_plain_loop(reports):
+    report = reports["extract"]
+    assert report["allclose"] is True
+    assert 0.0 <= report["max_abs_diff"] <= report["atol"] + report["rtol"] * report["max_abs_value"]
+
+
+@pytest.mark.slow
+def test_feast_report_has_every_figure_as_a_number(reports):
+    report = reports["feast"]
+    for key in FEAST_NUMBERS:
+        assert _is_number(report[key]), (key, report.get(key))
+    assert report["n_rows"] == 48 and report["source"] == "embed" and report["embedding_dim"] == 1280
+    for step in ("compute", "write", "apply", "materialize", "read"):
+        assert _is_number(report["steps"][step]["rows_per_s"]) and _is_number(report["steps"][step]["seconds"])
+    assert "load_average_at_start" in report["machine"]
+
+
+@pytest.mark.slow
+def test_feast_ratio_is_store_time_over_compute_time(reports):
+    report = reports["feast"]
+    (one,) = report["rounds"]
+    expected = (one["write_s"] + one["apply_s"] + one["materialize_s"]) / one["compute_s"]
+    assert one["ratio"] == pytest.approx(expected)
+    assert report["ratio_store_over_compute"] == pytest.approx(expected)
+    assert report["write_rows_per_s"] == pytest.approx(48 / one["write_s"])
+    assert report["materialize_rows_per_s"] == pytest.approx(48 / one["materialize_s"])
+    assert report["meets_goal"] is (expected <= 1.0)
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("extract_speed.py", ["--n", "0"], "positive integer"),
+        ("extract_speed.py", ["--batch-size", "x"], "positive integer"),
+        ("extract_speed.py", ["--device", "tpu"], "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ("feast_speed.py", ["--repeats", "-1"], "positive integer"),
+        ("feast_speed.py", ["--source", "s3"], "invalid choice"),
+        ("feast_speed.py", ["--images-per-s", "100"], "only applies to --source random"),
+    ],
+)
+def test_bad_options_are_refused_with_a_message(script, args, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--out", str(tmp_path / "x.json")],
+        env=_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_median_by_hand():
+    common = _load_common()
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    assert common.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert common.median([7]) == 7.0
+    with pytest.raises(ValueError, match="empty"):
+        common.median([])
+
+
+def test_interleaved_alternates_the_order_and_keeps_the_first_results():
+    common = _load_common()
+    calls: list[str] = []
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            return f"{name}{len(calls)}"
+
+        return fn
+
+    seconds, first = common.interleaved({"a": make("a"), "b": make("b")}, repeats=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert first == {"a": "a1", "b": "b2"}
+    assert [len(v) for v in seconds.values()] == [3, 3] and all(t >= 0 for v in seconds.values() for t in v)
+    with pytest.raises(ValueError, match="repeats"):
+        common.interleaved({"a": make("a")}, repeats=0)
+    with pytest.raises(ValueError, match="no approaches"):
+        common.interleaved({}, repeats=1)
+
+
+def test_rate_summary_is_n_over_seconds():
+    common = _load_common()
+    summary = common.rate_summary(100, [2.0, 4.0, 5.0])
+    assert summary["per_s_runs"] == [50.0, 25.0, 20.0]
+    assert summary["per_s"] == 25.0
