@@ -1,0 +1,263 @@
+"""Typed parameters of the pipeline's flows (pydantic models, so the Prefect UI shows a validated form).
+
+Each flow takes some of these models as its parameters; ``vecaf-pipeline`` takes them all:
+
+- :class:`DataParams`: the image pool and the held-out split (dataset, sizes, PVM input size).
+- :class:`ModelParams`: the PVM, the captioner, the text encoder (Sec. 3.2) and the inference batch.
+- :class:`ObjectiveParams`: the loss L_i that training minimises and selection weighs (Eq. 3, Eq. 7):
+  cross-entropy, one-vs-all for a target class (Table 3), or class-weighted cross-entropy.
+- :class:`TrainingParams`: the loops of active finetuning (Sec. 3.1, Appendix C): method, ratio K/N per
+  loop, loops L, batch budget B, CEA (Eq. 8-10).
+- :class:`RegistryParams`: where the run is tracked and the model registered, and the promotion margin.
+
+Every bound is a JSON-schema constraint (``gt``/``le``/``Literal``) where it can be, so the Prefect server
+rejects an out-of-range value when a run is created from a deployment; the rest (``batch_budget >= loops``,
+a one-vs-all objective without its class, fresh samples that would not fit the pool) is checked by model
+validators, which run when the flow validates its parameters, before any task. Nothing is imported from
+the model zoo unless a non-default model name has to be checked.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "imagefolder")
+METHODS = ("vecaf", "activeft", "coreset", "topk_loss", "random", "full")
+"""Selection methods of ``vecaf.list_methods()``, plus "full" (full-data finetuning, no selection)."""
+OBJECTIVES = ("ce", "one-vs-all", "class-weighted")
+
+DatasetName = Literal["fashion-mnist", "digits", "cifar10", "cifar100", "imagefolder"]
+MethodName = Literal["vecaf", "activeft", "coreset", "topk_loss", "random", "full"]
+ObjectiveName = Literal["ce", "one-vs-all", "class-weighted"]
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-:/@+]+$")
+_REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Params):
+    """The labeled image pool, its held-out split, and the PVM input size."""
+
+    dataset: DatasetName = Field("fashion-mnist", description="Image pool (vecaf.data.list_datasets()).")
+    root: str | None = Field(
+        None, description="Data folder (ImageFolder root, CIFAR batches, Fashion-MNIST idx files); None: the default."
+    )
+    train_split: str = Field("train", min_length=1, description="Split that forms the pool.")
+    test_split: str = Field("test", min_length=1, description="Held-out split (evaluation and promotion).")
+    pool_size: int | None = Field(
+        4000, ge=10, le=10_000_000, description="Images of the pool (seeded stratified subset); None: all."
+    )
+    test_size: int | None = Field(
+        1000, ge=10, le=10_000_000, description="Images of the held-out split (stratified subset); None: all."
+    )
+    image_size: int | None = Field(
+        64, ge=16, le=1024, description="PVM input side S in pixels; None: the PVM's own (224 for EfficientNet-Lite0)."
+    )
+    subset_seed: int = Field(0, ge=0, description="Seed of the stratified subsets.")
+    shard_size: int = Field(1000, ge=16, le=1_000_000, description="Images per captioning/embedding task.")
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_root(self) -> DataParams:
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError("dataset 'imagefolder' needs root=<folder of class sub-folders>")
+        return self
+
+
+class ModelParams(_Params):
+    """The pretrained models (Sec. 3.2): PVM, captioner, text encoder."""
+
+    pvm: str = Field("efficientnet_lite0", description="PVM: 'efficientnet_lite0' or a timm architecture.")
+    pvm_checkpoint: str | None = Field(
+        None, description="A local state_dict file loaded into the PVM instead of its default weights."
+    )
+    captioner: str = Field(
+        "imagenet-labels",
+        description="'imagenet-labels', an alias (blip-base, coca...), 'hf:<folder>' or 'open_clip:<spec>'.",
+    )
+    text_encoder: str = Field(
+        "all-MiniLM-L6-v2",
+        description="'all-MiniLM-L6-v2', an alias (clip, bert-large...), 'hf:<folder>' or 'open_clip:<spec>'.",
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="Images or captions per inference batch.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' picks CUDA when present.")
+
+    @field_validator("pvm", "captioner", "text_encoder")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not _MODEL_NAME.fullmatch(value):
+            raise ValueError(f"model name {value!r} must be non-empty, without spaces")
+        return value
+
+    @field_validator("captioner")
+    @classmethod
+    def _known_captioner(cls, value: str) -> str:
+        if value == "imagenet-labels" or value.startswith(("hf:", "open_clip:")):
+            return value
+        from vecaf.models import list_captioners
+
+        known = [n for n in list_captioners() if "<" not in n]
+        if value not in known:
+            raise ValueError(f"unknown captioner {value!r}; known: {', '.join(known)}, hf:<folder>, open_clip:<spec>")
+        return value
+
+    @field_validator("text_encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        if value == "all-MiniLM-L6-v2" or value.startswith(("hf:", "open_clip:")):
+            return value
+        from vecaf.models import list_text_encoders
+        from vecaf.models.text import _MINILM_ALIASES
+
+        known = sorted({n for n in list_text_encoders() if "<" not in n} | set(_MINILM_ALIASES))
+        if value not in known:
+            raise ValueError(
+                f"unknown text encoder {value!r}; known: {', '.join(known)}, hf:<folder>, open_clip:<spec>"
+            )
+        return value
+
+
+class ObjectiveParams(_Params):
+    """The per-sample loss L_i (Eq. 3) that training minimises and ODS weighs (Eq. 7)."""
+
+    kind: ObjectiveName = Field("ce", description="'ce', 'one-vs-all' (Table 3) or 'class-weighted'.")
+    target_class: int | None = Field(None, ge=0, description="Class index of the one-vs-all objective.")
+    class_weights: list[float] | None = Field(
+        None, min_length=2, description="One positive weight per class (class-weighted cross-entropy)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ObjectiveParams:
+        if self.kind == "one-vs-all" and self.target_class is None:
+            raise ValueError("objective 'one-vs-all' needs target_class")
+        if self.kind != "one-vs-all" and self.target_class is not None:
+            raise ValueError(f"target_class is only used by the 'one-vs-all' objective, not {self.kind!r}")
+        if self.kind == "class-weighted":
+            if self.class_weights is None:
+                raise ValueError("objective 'class-weighted' needs class_weights (one per class)")
+            if any(not (w > 0 and w < float("inf")) for w in self.class_weights):
+                raise ValueError(f"class_weights must be finite and positive, got {self.class_weights}")
+        elif self.class_weights is not None:
+            raise ValueError(f"class_weights are only used by the 'class-weighted' objective, not {self.kind!r}")
+        return self
+
+
+class TrainingParams(_Params):
+    """The loops of active finetuning (Sec. 3.1, Appendix C) and CEA (Eq. 8-10)."""
+
+    mode: Literal["head", "full"] = Field(
+        "head", description="'head': frozen PVM, train the head; 'full': the whole network trains."
+    )
+    method: MethodName = Field("vecaf", description="Selection method, or 'full' for full-data finetuning.")
+    ratio: float = Field(0.01, gt=0.0, le=0.5, description="K/N, the share of the pool selected per loop.")
+    loops: int = Field(3, ge=1, le=100, description="L, selection + training loops.")
+    batch_budget: int = Field(300, ge=1, le=1_000_000, description="B, training batches over all loops (B/L per loop).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Training batch size.")
+    lr: float = Field(5e-4, gt=0.0, le=10.0, description="Initial SGD learning rate (cosine decay over B).")
+    cea: bool = Field(True, description="Cross-attentive embedding augmentation from the captions (Eq. 8-10).")
+    eta: float = Field(1.0, ge=0.0, le=10.0, description="CEA step size eta (Eq. 9).")
+    lam_bw: float = Field(0.998, ge=0.0, le=1.0, description="CEA balance lam_bw (Eq. 10); 1 disables CEA.")
+    exclude_previous: bool = Field(True, description="Never re-select a sample picked in an earlier loop.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every n batches (default B // 10).")
+    seed: int = Field(0, ge=0, description="Seed of the head, the selection and the batch order.")
+
+    @model_validator(mode="after")
+    def _budget_covers_loops(self) -> TrainingParams:
+        if self.batch_budget < self.loops:
+            raise ValueError(
+                f"batch_budget ({self.batch_budget}) must be at least loops ({self.loops}): every loop trains a batch"
+            )
+        return self
+
+
+class RegistryParams(_Params):
+    """Tracking, registration and promotion."""
+
+    experiment: str = Field("vecaf", min_length=1, max_length=200, description="MLflow experiment.")
+    model_name: str = Field("vecaf-classifier", description="Registered model name in the MLflow registry.")
+    promotion_margin: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="The challenger becomes champion only if its held-out top-1 beats the champion's by more.",
+    )
+    promote: bool = Field(True, description="Run the promotion flow after finetuning (vecaf-pipeline).")
+
+    @field_validator("model_name")
+    @classmethod
+    def _registry_name(cls, value: str) -> str:
+        if not _REGISTRY_NAME.fullmatch(value):
+            raise ValueError(
+                f"model_name {value!r} must start with a letter or digit and hold only letters, digits, '_', '-', '.'"
+            )
+        return value
+
+
+class PipelineParams(_Params):
+    """All parameters of ``vecaf-pipeline`` in one object (what ``vecaf run`` and the demo build)."""
+
+    data: DataParams = DataParams()
+    models: ModelParams = ModelParams()
+    ood_prompt: str | None = Field(None, max_length=300, description="Caption suffix steering selection (Sec. 3.3).")
+    objective: ObjectiveParams = ObjectiveParams()
+    training: TrainingParams = TrainingParams()
+    registry: RegistryParams = RegistryParams()
+
+    @field_validator("ood_prompt")
+    @classmethod
+    def _strip_prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    @model_validator(mode="after")
+    def _fits_pool(self) -> PipelineParams:
+        check_training_fits(self.data, self.training, self.objective)
+        return self
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """The parameters of the ``vecaf-pipeline`` flow (JSON-ready), as a deployment or a run takes them."""
+        return self.model_dump(mode="json")
+
+
+def check_training_fits(data: DataParams, training: TrainingParams, objective: ObjectiveParams) -> None:
+    """Cross-checks between the pool size and the loops: every loop must pick at least one fresh sample.
+
+    With N the pool size (when known), K = round(ratio * N) >= 1 and, with ``exclude_previous``,
+    K * L <= N; a one-vs-all target class or class weights must fit the dataset's class count (checked
+    later, when the dataset is loaded, for datasets whose class count is not fixed).
+
+    Raises:
+        ValueError: naming the parameters that do not fit.
+    """
+    n = data.pool_size
+    if n is not None and training.method != "full":
+        k = max(1, round(training.ratio * n))
+        if training.exclude_previous and k * training.loops > n:
+            raise ValueError(
+                f"{training.loops} loops of K={k} fresh samples (ratio {training.ratio} of pool_size {n}) need "
+                f"{k * training.loops} images; lower ratio or loops, or set exclude_previous=false"
+            )
+    classes = {"fashion-mnist": 10, "digits": 10, "cifar10": 10, "cifar100": 100}.get(data.dataset)
+    if classes is not None:
+        check_objective_classes(objective, classes)
+
+
+def check_objective_classes(objective: ObjectiveParams, num_classes: int) -> None:
+    """The target class lies in 0..C-1 and there is one class weight per class.
+
+    Raises:
+        ValueError: naming the mismatch.
+    """
+    if objective.target_class is not None and objective.target_class >= num_classes:
+        raise ValueError(f"target_class {objective.target_class} is outside 0..{num_classes - 1}")
+    if objective.class_weights is not None and len(objective.class_weights) != num_classes:
+        raise ValueError(
+            f"class_weights has {len(objective.class_weights)} entries, the dataset has {num_classes} classes"
+        )

@@ -1,0 +1,465 @@
+"""Training tasks: one loop of VeCAF active finetuning, per-sample losses, evaluation of a logged model.
+
+The loop (Sec. 3.1, Appendix C) is ``vecaf.train.finetune``: a pass over the pool gives each sample's
+embedding e_i and loss L_i (Eq. 3), ``vecaf.select`` picks K = ratio * N samples (ODS, Eq. 7, or a
+baseline), the model trains B/L batches on them with CEA in the forward pass (Eq. 8-10), and the test split
+is evaluated. The engine runs all L loops in one call; here each loop is its own task: ``train-loop`` for
+loop l resumes the engine from the checkpoint written at the end of loop l-1 (``resume=<file>``; the
+engine restores weights, optimizer, schedule and RNG, so the L tasks give exactly the single-call result)
+and stops it after loop l has written its checkpoint. A retried task starts again from loop l-1's
+checkpoint, never from a later one.
+
+Inputs come from Feast, not from re-running models: in ``head`` mode the frozen PVM's pool and test
+embeddings are the features (``read_embeddings``); the caption embeddings t_i feed CEA
+(``read_text_embeddings``). In ``full`` mode the images are reloaded and the stored embeddings replace the
+engine's first pool pass.
+
+Outputs are files under ``<work_dir>/runs/<run id>/`` (never Prefect results): ``checkpoints/loop-<l>.pt``,
+``loop-<l>.json`` (the loop record, its evaluations and its per-batch training loss), ``picks-loop-<l>.parquet``
+(image id, label, loss, centroid, caption), and after the last loop ``model.pt`` (the whole network:
+backbone + trained head, so it classifies images) and ``result.json``.
+
+``compute-losses`` writes L_i of every pool image under the model at the end of loop l to the Feast
+``sample_losses`` view (model version = the MLflow run id, loop = l), the losses the next loop selects with.
+``evaluate-model`` re-evaluates a registered model on the held-out split from its images, with the
+preprocessing stored in the model's metadata (promotion trusts no logged number).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+
+from flows.params import DataParams, ModelParams, ObjectiveParams, TrainingParams
+from tasks.data import load_split, read_manifest
+from tasks.embeddings import GPU_TASK, feature_keys, get_pvm
+
+_LIBRARY_OBJECTIVE = {"ce": "cross_entropy", "one-vs-all": "one_vs_all", "class-weighted": "weighted_cross_entropy"}
+
+
+class _StopAfterLoop(Exception):
+    """Raised by the loop callback once the wanted loop has written its checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a loop task needs to call the engine exactly as the other loops did.
+
+    Attributes:
+        data, models, objective, training: the flow parameters.
+        ood_prompt: the caption suffix (selects which text embeddings feed CEA).
+        store_dir: the Feast store.
+        run_dir: this run's folder (checkpoints, loop records, picks, model).
+        pool_manifest, test_manifest: the manifests of the pool and the held-out split.
+        num_classes: C.
+        class_names: the C class names.
+        allow_hub: allow hub downloads for named models.
+    """
+
+    data: DataParams
+    models: ModelParams
+    objective: ObjectiveParams
+    training: TrainingParams
+    ood_prompt: str | None
+    store_dir: str
+    run_dir: str
+    pool_manifest: str
+    test_manifest: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    allow_hub: bool = False
+
+
+def make_objective(objective: ObjectiveParams) -> Any:
+    """The per-sample loss (logits (B, C), labels (B,)) -> (B,) of ``vecaf.objectives`` for these parameters."""
+    from vecaf import objectives
+
+    name = _LIBRARY_OBJECTIVE[objective.kind]
+    weights = None if objective.class_weights is None else np.asarray(objective.class_weights, dtype=np.float64)
+
+    def loss(logits: Any, labels: Any) -> Any:
+        kwargs: dict[str, Any] = {"objective": name}
+        if name == "one_vs_all":
+            kwargs["target"] = objective.target_class
+        if name == "weighted_cross_entropy":
+            kwargs["class_weights"] = weights
+        return objectives.per_sample_losses(logits, labels, **kwargs)
+
+    suffix = {"one_vs_all": f"(target={objective.target_class})", "weighted_cross_entropy": "(weights)"}.get(name, "")
+    loss.__name__ = name + suffix
+    return loss
+
+
+def _manifest_ids_labels(path: str) -> tuple[list[str], np.ndarray]:
+    table = read_manifest(path)
+    return table["image_id"].to_pylist(), table["label"].to_numpy().astype(np.int64)
+
+
+def _features(spec: TrainSpec, split: str, manifest: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ids, e_i, labels) of a manifest's images; an image stored under another split (the same file in
+    both splits of an ImageFolder without split folders) is embedded once, so the split is not filtered."""
+    from tasks.features import read_embeddings
+
+    keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
+    ids, labels = _manifest_ids_labels(manifest)
+    try:
+        _, emb, stored = read_embeddings(spec.store_dir, pvm=keys.pvm, split=None, ids=ids)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; run the featurize flow for PVM {keys.pvm!r} first") from exc
+    if not np.array_equal(stored, labels):
+        raise ValueError(f"labels stored in Feast for {split} differ from the dataset's; re-run the featurize flow")
+    return ids, emb, labels
+
+
+def _text(spec: TrainSpec, ids: list[str]) -> np.ndarray | None:
+    from tasks.features import read_text_embeddings
+
+    if not spec.training.cea or spec.training.method == "full":
+        return None
+    keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
+    try:
+        _, text = read_text_embeddings(spec.store_dir, encoder=keys.encoder, prompt_suffix=keys.prompt, ids=ids)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc}; run the caption and featurize flows with text encoder {keys.encoder!r} and prompt "
+            f"{keys.prompt!r} first, or set training.cea=false"
+        ) from exc
+    return text
+
+
+def engine_inputs(spec: TrainSpec) -> dict[str, Any]:
+    """The data arguments of ``finetune`` for this spec (features from Feast; images in full mode).
+
+    Returns:
+        ``{"pvm", "train_data", "test_data", "train_features", "test_features", "text_embeddings",
+        "pool_ids", "pool_labels"}``.
+    """
+    pvm = get_pvm(spec.models.pvm, spec.models.pvm_checkpoint, spec.allow_hub)
+    pool_ids, pool_x, pool_y = _features(spec, spec.data.train_split, spec.pool_manifest)
+    test_ids, test_x, test_y = _features(spec, spec.data.test_split, spec.test_manifest)
+    out: dict[str, Any] = {
+        "pvm": pvm, "pool_ids": pool_ids, "pool_labels": pool_y, "text_embeddings": _text(spec, pool_ids),
+    }  # fmt: skip
+    if spec.training.mode == "head":
+        out.update(train_data=(pool_x, pool_y), test_data=(test_x, test_y), train_features=None, test_features=None)
+    else:
+        pool = load_split(spec.data, spec.data.train_split)
+        test = load_split(spec.data, spec.data.test_split)
+        if list(pool.ids) != pool_ids or list(test.ids) != test_ids:
+            raise ValueError("the dataset's images no longer match its manifest; re-run the pipeline from featurize")
+        out.update(train_data=pool, test_data=test, train_features=pool_x, test_features=None)
+    return out
+
+
+def _checkpoint_dir(spec: TrainSpec) -> Path:
+    return Path(spec.run_dir) / "checkpoints"
+
+
+def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, callbacks: Any) -> Any:
+    from vecaf.train import finetune
+
+    t = spec.training
+    return finetune(
+        inputs["pvm"],
+        inputs["train_data"],
+        inputs["test_data"],
+        mode=t.mode,
+        method=t.method,
+        ratio=t.ratio,
+        loops=t.loops,
+        batch_budget=t.batch_budget,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        objective=make_objective(spec.objective),
+        text_embeddings=inputs["text_embeddings"],
+        eta=t.eta,
+        lam_bw=t.lam_bw,
+        exclude_previous=t.exclude_previous,
+        eval_every=t.eval_every,
+        seed=t.seed,
+        device=spec.models.device,
+        image_size=spec.data.image_size,
+        train_features=inputs["train_features"],
+        test_features=inputs["test_features"],
+        num_classes=spec.num_classes,
+        checkpoint_dir=_checkpoint_dir(spec),
+        resume=resume,
+        callbacks=callbacks,
+        return_model=True,
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _captions_of(spec: TrainSpec, ids: list[str]) -> list[str | None]:
+    from tasks.features import read_captions
+
+    keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
+    try:
+        _, captions = read_captions(spec.store_dir, captioner=keys.captioner, prompt_suffix=keys.prompt, ids=ids)
+    except ValueError:
+        return [None] * len(ids)
+    return list(captions)
+
+
+def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
+    """Run loop ``loop`` (0-based) of the engine from loop ``loop - 1``'s checkpoint and write its files.
+
+    Returns:
+        ``{"loop" (1-based), "top1", "test_loss", "train_loss", "budget", "batches", "end_batches", "record",
+        "picks", "checkpoint", "model", "result"}`` (``model``/``result`` paths, and ``final_top1``, only
+        after the last loop). The record's evaluations count loops from 1 (0: before training).
+    """
+    from vecaf.train.checkpoint import checkpoint_path, load_checkpoint
+
+    t = spec.training
+    if not 0 <= loop < t.loops:
+        raise ValueError(f"loop must be in 0..{t.loops - 1}, got {loop}")
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume: Any = False
+    if loop > 0:
+        resume = checkpoint_path(_checkpoint_dir(spec), loop - 1)
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"loop {loop + 1} needs loop {loop}'s checkpoint {resume}; run the loops in order")
+    last = loop == t.loops - 1
+
+    def on_loop_end(record: Any) -> None:
+        if record.loop == loop and not last:
+            raise _StopAfterLoop
+
+    inputs = engine_inputs(spec)
+    result = None
+    try:
+        result = _finetune(spec, inputs, resume=resume, callbacks={"on_loop_end": on_loop_end})
+    except _StopAfterLoop:
+        pass
+    ckpt = checkpoint_path(_checkpoint_dir(spec), loop)
+    state = load_checkpoint(ckpt)
+    rec = state["records"][-1]
+    if int(rec["loop"]) != loop:
+        raise RuntimeError(f"checkpoint {ckpt} ends with loop {int(rec['loop']) + 1}, expected {loop + 1}")
+    start_batch = int(rec["end_batches"]) - int(rec["batches"])
+    evals = [
+        {"batches": int(p["batches"]), "top1": float(p["top1"]), "loss": float(p["loss"]), "loop": int(p["loop"]) + 1}
+        for p in state["curve"]
+        if int(p["loop"]) == loop or (loop == 0 and int(p["loop"]) == -1)
+    ]
+    end = int(rec["end_batches"])
+    train_curve = [[int(b), float(v)] for b, v in state["train_curve"] if start_batch < int(b) <= end]
+    picks = None if rec["picks"] is None else rec["picks"].numpy().astype(np.int64)
+    pick_losses = None if rec["pick_losses"] is None else rec["pick_losses"].numpy().astype(np.float32)
+    record = {
+        "loop": loop + 1,
+        "budget": int(rec["budget"]),
+        "batches": int(rec["batches"]),
+        "end_batches": int(rec["end_batches"]),
+        "train_loss": float(rec["train_loss"]),
+        "top1": float(rec["top1"]),
+        "test_loss": float(rec["test_loss"]),
+        "mean_pick_loss": None if pick_losses is None else float(pick_losses.mean()),
+        "seconds": {k: float(v) for k, v in rec["seconds"].items()},
+        "evals": evals,
+        "start_batches": start_batch,
+        "train_curve": train_curve,
+        "notes": list(state.get("notes", [])),
+    }
+    record_path = run_dir / f"loop-{loop + 1}.json"
+    _write_json(record_path, record)
+    picks_path = run_dir / f"picks-loop-{loop + 1}.parquet"
+    ids = inputs["pool_ids"]
+    labels = inputs["pool_labels"]
+    rows = np.arange(len(ids)) if picks is None else picks
+    chosen = [ids[i] for i in rows]
+    table = pa.table(
+        {
+            "image_id": pa.array(chosen, pa.string()),
+            "pool_index": pa.array(rows, pa.int64()),
+            "label": pa.array(labels[rows], pa.int64()),
+            "class_name": pa.array([spec.class_names[int(y)] for y in labels[rows]], pa.string()),
+            "loss": pa.array(
+                np.full(len(rows), np.nan, np.float32) if pick_losses is None else pick_losses, pa.float32()
+            ),
+            "centroid": pa.array(np.arange(len(rows)) if picks is not None else np.full(len(rows), -1), pa.int64()),
+            "caption": pa.array(_captions_of(spec, chosen) if picks is not None else [None] * len(rows), pa.string()),
+            "loop": pa.array(np.full(len(rows), loop + 1), pa.int64()),
+        }
+    )
+    pq.write_table(table, str(picks_path))
+    out = {
+        **{k: record[k] for k in ("loop", "top1", "test_loss", "train_loss", "budget", "batches", "end_batches")},
+        "record": str(record_path),
+        "picks": str(picks_path),
+        "checkpoint": str(ckpt),
+        "model": None,
+        "result": None,
+    }
+    if last:
+        if result is None or result.model is None:
+            raise RuntimeError("the engine returned no model after the last loop")
+        import torch
+
+        model_path = run_dir / "model.pt"
+        torch.save(result.model.cpu().eval(), model_path)
+        result_path = run_dir / "result.json"
+        _write_json(result_path, result.to_dict())
+        out.update(model=str(model_path), result=str(result_path), final_top1=float(result.top1))
+    return out
+
+
+def preprocessing(spec: TrainSpec) -> dict[str, Any]:
+    """The model's input preprocessing (timm data config of the PVM at the run's input size), JSON-ready."""
+    pvm = get_pvm(spec.models.pvm, spec.models.pvm_checkpoint, spec.allow_hub)
+    config = pvm.transform(image_size=spec.data.image_size).data_config
+    return json.loads(json.dumps(config, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+
+
+def _network_logits(spec: TrainSpec, state: dict[str, Any], inputs: dict[str, Any]) -> np.ndarray:
+    import torch
+
+    weights = state["model"]
+    if spec.training.mode == "head":
+        w = weights["head.weight"].float()
+        b = weights["head.bias"].float() if "head.bias" in weights else torch.zeros(w.shape[0])
+        x = torch.as_tensor(np.asarray(inputs["train_data"][0], dtype=np.float32))
+        return (x @ w.T + b).numpy()
+    from vecaf.models._runtime import device_of
+    from vecaf.train.head import prepare_backbone
+
+    net, _ = prepare_backbone(inputs["pvm"].model, spec.num_classes, seed=0)
+    net.load_state_dict({k[len("backbone.") :]: v for k, v in weights.items() if k.startswith("backbone.")})
+    return _predict(net, inputs["train_data"], inputs["pvm"].transform(image_size=spec.data.image_size),
+                    device=str(device_of(spec.models.device)), batch_size=spec.models.batch_size)  # fmt: skip
+
+
+def _predict(model: Any, dataset: Any, transform: Any, *, device: str, batch_size: int) -> np.ndarray:
+    import torch
+
+    model = model.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(dataset), batch_size):
+            stop = min(start + batch_size, len(dataset))
+            x = torch.stack([transform(dataset.load_image(i)) for i in range(start, stop)])
+            out.append(model(x.to(device)).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def compute_losses(spec: TrainSpec, loop: int, model_version: str) -> dict[str, Any]:
+    """L_i of every pool image under the model at the end of loop ``loop``, written to Feast.
+
+    Returns:
+        ``{"loop", "n", "mean", "path"}`` (loop 1-based, as stored in ``sample_losses.loop``).
+    """
+    import torch
+
+    from tasks.features import write_sample_losses
+    from vecaf.train.checkpoint import checkpoint_path, load_checkpoint
+
+    state = load_checkpoint(checkpoint_path(_checkpoint_dir(spec), loop))
+    inputs = engine_inputs(spec)
+    logits = _network_logits(spec, state, inputs)
+    loss_fn = make_objective(spec.objective)
+    losses = loss_fn(torch.from_numpy(logits).double(), torch.from_numpy(inputs["pool_labels"]))
+    losses = losses.detach().cpu().numpy().astype(np.float32)
+    path = write_sample_losses(spec.store_dir, inputs["pool_ids"], losses, model_version=model_version, loop=loop + 1)
+    return {"loop": loop + 1, "n": int(losses.size), "mean": float(losses.mean()), "path": path}
+
+
+def evaluate_model(
+    tracking_uri: str, model_uri: str, data: DataParams, *, device: str = "auto", batch_size: int = 64
+) -> dict[str, Any]:
+    """Top-1 and cross-entropy of a logged model on the held-out split, computed here from the images.
+
+    The model's MLmodel metadata gives its preprocessing (``data_config``) and class names; the class names
+    must equal the held-out dataset's.
+
+    Returns:
+        ``{"model_uri", "top1", "loss", "n", "per_class": [C]}``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    import mlflow.pytorch
+    from mlflow.models import get_model_info
+
+    from tasks.tracking import mlflow_client, talking_to
+    from vecaf.models.pvm import PVMTransform
+    from vecaf.models._runtime import device_of
+    from vecaf.train.evaluate import per_class_accuracy, top1_accuracy
+
+    with talking_to("MLflow tracking server", tracking_uri):
+        mlflow_client(tracking_uri)
+        info = get_model_info(model_uri)
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    meta = info.metadata or {}
+    if "data_config" not in meta or "class_names" not in meta:
+        raise ValueError(
+            f"model {model_uri} has no preprocessing/class names in its metadata; it was not logged by this pipeline"
+        )
+    dataset = load_split(data, data.test_split)
+    if list(meta["class_names"]) != list(dataset.class_names):
+        raise ValueError(
+            f"model {model_uri} predicts classes {meta['class_names']} but the held-out split has {dataset.class_names}"
+        )
+    transform = PVMTransform(meta["data_config"])
+    logits = _predict(model, dataset, transform, device=str(device_of(device)), batch_size=batch_size)
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    loss = float(F.cross_entropy(torch.from_numpy(logits).double(), torch.from_numpy(labels)).item())
+    per_class = per_class_accuracy(logits, labels, num_classes=dataset.num_classes)
+    return {
+        "model_uri": model_uri,
+        "top1": float(top1_accuracy(logits, labels)),
+        "loss": loss,
+        "n": int(labels.size),
+        "per_class": [None if not np.isfinite(v) else float(v) for v in per_class],
+    }
+
+
+@task(name="train-loop", **GPU_TASK)
+def train_loop_task(spec: TrainSpec, loop: int) -> dict[str, Any]:
+    """Prefect task around :func:`train_loop` (select + train one loop + evaluate; files, no big result)."""
+    out = train_loop(spec, loop)
+    get_run_logger().info(
+        "loop %d/%d: %d selected, %d batches, test top-1 %.4f", loop + 1, spec.training.loops, out["budget"],
+        out["batches"], out["top1"],
+    )  # fmt: skip
+    return out
+
+
+@task(name="compute-losses", **GPU_TASK)
+def compute_losses_task(spec: TrainSpec, loop: int, model_version: str) -> dict[str, Any]:
+    """Prefect task around :func:`compute_losses` (writes one Parquet file to Feast)."""
+    out = compute_losses(spec, loop, model_version)
+    get_run_logger().info("loop %d: pool losses written (mean %.4f)", out["loop"], out["mean"])
+    return out
+
+
+@task(name="evaluate-model", retries=2, retry_delay_seconds=[2, 10], **GPU_TASK)
+def evaluate_model_task(tracking_uri: str, model_uri: str, data: DataParams, device: str = "auto") -> dict[str, Any]:
+    """Prefect task around :func:`evaluate_model`."""
+    out = evaluate_model(tracking_uri, model_uri, data, device=device)
+    get_run_logger().info("%s: held-out top-1 %.4f on %d images", model_uri, out["top1"], out["n"])
+    return out
