@@ -1,0 +1,202 @@
+"""ODS (Eq. 3-7): objective against a plain loop, hand gradient against autograd and finite differences,
+the optimiser against a plain autograd ActiveFT loop, block sizes and assignment refreshes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vecaf.selection import ods
+
+
+def _pool(n=60, d=5, k=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    losses = torch.rand(n, generator=g, dtype=dtype) * 3
+    centroids = torch.randn(k, d, generator=g, dtype=dtype)
+    return x, losses, centroids
+
+
+def _loop_objective(x, losses, centroids, lam, tau):
+    """Eq. 7 with p_i = L_i / sum L (Eq. 3), cosines over tau, diversity averaged over K, by plain loops."""
+    x = x.tolist()
+    cents = centroids.tolist()
+    losses = losses.tolist()
+
+    def cos(a, b):
+        dot = sum(p * q for p, q in zip(a, b))
+        return dot / math.sqrt(sum(p * p for p in a)) / math.sqrt(sum(q * q for q in b))
+
+    z = sum(losses)
+    attraction = 0.0
+    for xi, li in zip(x, losses):
+        attraction += li / z * max(cos(xi, c) for c in cents)
+    diversity = 0.0
+    for a, ca in enumerate(cents):
+        diversity += math.log(sum(math.exp(cos(ca, cb) / tau) for b, cb in enumerate(cents) if b != a))
+    return -attraction / tau + lam / len(cents) * diversity
+
+
+def _autograd_objective(x, w, params, lam, tau):
+    """The same objective written with autograd (torch), as the reference for the hand gradient."""
+    theta = params / params.norm(dim=-1, keepdim=True)
+    xu = x / x.norm(dim=1, keepdim=True)
+    k = theta.shape[-2]
+    sims = torch.einsum("nd,ekd->nek", xu, theta)
+    attraction = (w[:, None] * sims.max(dim=2).values).sum(dim=0) / x.shape[0]
+    logits = torch.einsum("ekd,ejd->ekj", theta, theta) / tau
+    logits = logits.masked_fill(torch.eye(k, dtype=torch.bool), -math.inf)
+    return -attraction / tau + lam / k * torch.logsumexp(logits, dim=2).sum(dim=1)
+
+
+@pytest.mark.parametrize("lam,tau", [(1.0, 0.07), (0.3, 1.0), (0.0, 0.5)])
+def test_objective_matches_plain_loop(lam, tau):
+    x, losses, centroids = _pool()
+    value = ods.ods_objective(x, centroids, losses=losses, lam=lam, temperature=tau)
+    assert value == pytest.approx(_loop_objective(x, losses, centroids, lam, tau), rel=1e-5, abs=1e-5)
+
+
+def test_uniform_losses_equal_no_losses():
+    x, _, centroids = _pool()
+    ones = torch.full((x.shape[0],), 2.5, dtype=torch.float64)
+    assert ods.ods_objective(x, centroids, losses=ones) == pytest.approx(ods.ods_objective(x, centroids))
+    assert ods.ods_objective(x, centroids) == pytest.approx(
+        _loop_objective(x, torch.ones(x.shape[0], dtype=torch.float64), centroids, 1.0, 0.07), rel=1e-5
+    )
+
+
+def test_ensemble_objective_is_per_member():
+    x, losses, _ = _pool()
+    g = torch.Generator().manual_seed(3)
+    members = torch.randn(3, 4, x.shape[1], generator=g, dtype=torch.float64)
+    values = ods.ods_objective(x, members, losses=losses, lam=0.5, temperature=0.2)
+    for e in range(3):
+        assert values[e] == pytest.approx(_loop_objective(x, losses, members[e], 0.5, 0.2), rel=1e-5)
+
+
+def test_hand_gradient_matches_autograd():
+    x, losses, _ = _pool(n=80, d=6, k=5)
+    g = torch.Generator().manual_seed(1)
+    params = torch.randn(2, 5, 6, generator=g, dtype=torch.float64) * 1.7
+    xu = ods.normalize_rows(x)
+    w = losses / losses.mean()
+    value, grad = ods.ods_value_and_grad(xu, w, params, lam=0.7, temperature=0.1)
+    p = params.clone().requires_grad_(True)
+    ref = _autograd_objective(x, w, p, 0.7, 0.1)
+    ref.sum().backward()
+    torch.testing.assert_close(value, ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, p.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_hand_gradient_matches_finite_differences():
+    x, losses, _ = _pool(n=40, d=4, k=3, seed=5)
+    g = torch.Generator().manual_seed(2)
+    params = torch.randn(1, 3, 4, generator=g, dtype=torch.float64)
+    xu = ods.normalize_rows(x)
+    w = losses / losses.mean()
+    _, grad = ods.ods_value_and_grad(xu, w, params, lam=1.3, temperature=0.5)
+    h = 1e-6
+    numeric = torch.zeros_like(params)
+    for idx in np.ndindex(*params.shape):
+        plus, minus = params.clone(), params.clone()
+        plus[idx] += h
+        minus[idx] -= h
+        f_plus, _ = ods.ods_value_and_grad(xu, w, plus, lam=1.3, temperature=0.5)
+        f_minus, _ = ods.ods_value_and_grad(xu, w, minus, lam=1.3, temperature=0.5)
+        numeric[idx] = (f_plus - f_minus) / (2 * h)
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_diversity_blocks_equal_one_block():
+    g = torch.Generator().manual_seed(0)
+    theta = ods.normalize_rows(torch.randn(3, 50, 8, generator=g))
+    value, grad = ods._diversity(theta, 0.07, ods.DEFAULT_BLOCK_BYTES)
+    small = 3 * 50 * 4 * 2 * 7
+    value_b, grad_b = ods._diversity(theta, 0.07, small)
+    torch.testing.assert_close(value, value_b)
+    torch.testing.assert_close(grad, grad_b, rtol=1e-5, atol=1e-5)
+
+
+def test_refresh_in_blocks_and_incremental_sums_equal_full():
+    g = torch.Generator().manual_seed(0)
+    x = ods.normalize_rows(torch.randn(300, 6, generator=g))
+    w = torch.rand(300, generator=g) * 2
+    theta_a = ods.normalize_rows(torch.randn(2, 7, 6, generator=g))
+    theta_b = ods.normalize_rows(theta_a + 0.3 * torch.randn(2, 7, 6, generator=g))
+    assign_a, sums_a, _, _ = ods._refresh(x, w, theta_a, rows=300)
+    assign_b, sums_b, att_b, moved = ods._refresh(x, w, theta_b, rows=17, previous=(assign_a, sums_a.clone()))
+    full_assign, full_sums, full_att, _ = ods._refresh(x, w, theta_b, rows=300)
+    assert torch.equal(assign_b, full_assign)
+    assert moved == int((assign_a != full_assign).sum()) > 0
+    torch.testing.assert_close(sums_b, full_sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(att_b, full_att)
+    expected = torch.zeros(2, 7, 6)
+    for e in range(2):
+        for i in range(300):
+            expected[e, full_assign[i, e]] += w[i] * x[i]
+    torch.testing.assert_close(full_sums, expected, rtol=1e-5, atol=1e-5)
+
+
+def _plain_activeft(x, init, iters, lam=1.0, tau=0.07, lr=1e-3):
+    """ActiveFT as usually written: autograd through the full N x K similarity, torch.optim.Adam."""
+    p = init.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=lr)
+    k = init.shape[0]
+    for _ in range(iters):
+        theta = torch.nn.functional.normalize(p, dim=1)
+        sims = x @ theta.T / tau
+        logits = (theta @ theta.T / tau).masked_fill(torch.eye(k, dtype=torch.bool), -math.inf)
+        loss = -sims.max(dim=1).values.mean() + lam * torch.logsumexp(logits, dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.nn.functional.normalize(p.detach(), dim=1)
+
+
+def test_exact_optimizer_reproduces_autograd_activeft():
+    g = torch.Generator().manual_seed(0)
+    x = ods.normalize_rows(torch.randn(400, 16, generator=g))
+    init = x[torch.randperm(400, generator=g)[:12]]
+    expected = _plain_activeft(x, init, iters=40)
+    result = ods.optimize_ods(x, torch.ones(400), init[None], refresh=1, max_iters=40, tol=0.0)
+    torch.testing.assert_close(result.centroids[0], expected, rtol=0, atol=2e-4)
+    assert result.iterations == 40 and result.refreshes == 41
+
+
+def test_adaptive_refresh_stays_close_to_exact_run():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(15, 24, generator=g) * 2
+    x = ods.normalize_rows(centres[torch.randint(0, 15, (1500,), generator=g)] + torch.randn(1500, 24, generator=g))
+    w = torch.rand(1500, generator=g) + 0.5
+    w = w / w.mean()
+    init = torch.stack([x[torch.randperm(1500, generator=g)[:30]] for _ in range(3)])
+    exact = ods.optimize_ods(x, w, init, refresh=1, tol=0.0, max_iters=150)
+    fast = ods.optimize_ods(x, w, init, tol=1e-4, max_iters=150)
+    assert fast.refreshes < exact.refreshes / 3
+    np.testing.assert_allclose(fast.objective, exact.objective, rtol=0.01)
+    assert ods.ods_objective(x, fast.centroids[0], losses=w) == pytest.approx(fast.objective[0], rel=1e-5)
+
+
+def test_optimizer_lowers_the_objective_and_stops_on_tol():
+    g = torch.Generator().manual_seed(2)
+    x = ods.normalize_rows(torch.randn(500, 8, generator=g))
+    init = x[:10][None]
+    start = ods.ods_objective(x, init[0])
+    result = ods.optimize_ods(x, torch.ones(500), init, max_iters=2000, tol=1e-3)
+    assert result.objective[0] < start
+    assert result.converged and result.iterations < 2000
+    assert [h[0] for h in result.history] == sorted(h[0] for h in result.history)
+
+
+def test_loss_weights_follow_eq3():
+    losses = torch.tensor([1.0, 3.0, 0.0, 4.0], dtype=torch.float64)
+    w = ods.loss_weights(losses, 4, "cpu")
+    torch.testing.assert_close(w / 4, torch.tensor([1 / 8, 3 / 8, 0.0, 4 / 8]))
+    torch.testing.assert_close(ods.loss_weights(torch.zeros(4), 4, "cpu"), torch.ones(4))
+    torch.testing.assert_close(ods.loss_weights(None, 3, "cpu"), torch.ones(3))
+
+
+def test_rows_per_block_respects_budget():
+    assert ods.rows_per_block(1000, 4000 * 10) == 10
+    assert ods.rows_per_block(10**9, 16) == 1

@@ -1,0 +1,440 @@
+"""vecaf.select: the contract of every strategy, bad input, baselines against plain loops, matching,
+ensemble alignment and debiasing against the formula, loss awareness and diversity of ``vecaf``."""
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vecaf
+from vecaf.selection import ensemble, matching, registry
+from vecaf.selection.methods import initial_indices
+
+METHODS = ["activeft", "coreset", "random", "topk_loss", "vecaf"]
+FAST = {"max_iters": 60}
+
+
+def _clusters(n=600, d=12, c=6, seed=0, spread=3.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((c, d)) * spread
+    labels = rng.integers(0, c, n)
+    return centres[labels] + rng.standard_normal((n, d)), labels
+
+
+def _options(method, fast=True):
+    if method in ("vecaf", "activeft"):
+        return {**FAST, "device": "cpu"} if fast else {"device": "cpu"}
+    return {"device": "cpu"} if method == "coreset" else {}
+
+
+def _coverage(x, idx):
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return float((1.0 - (xn @ xn[idx].T).max(axis=1)).mean())
+
+
+# --- registry and contract ---------------------------------------------------------------------------
+
+
+def test_list_methods_sorted_and_complete():
+    assert vecaf.list_methods() == METHODS
+
+
+def test_unknown_method_lists_registered():
+    x, _ = _clusters(50)
+    with pytest.raises(ValueError, match="unknown selection method 'nope'.*activeft.*vecaf"):
+        vecaf.select(x, 3, method="nope")
+
+
+def test_register_method_adds_a_strategy():
+    @registry.register_method("first_k_test")
+    @dataclasses.dataclass
+    class FirstK(registry.SelectionMethod):
+        offset: int = 0
+
+        def select(self, embeddings, budget, *, losses, text_embeddings, exclude, seed):
+            keep = np.setdiff1d(np.arange(embeddings.shape[0]), exclude)
+            return keep[self.offset : self.offset + budget]
+
+    try:
+        assert "first_k_test" in vecaf.list_methods()
+        x, _ = _clusters(20)
+        np.testing.assert_array_equal(vecaf.select(x, 3, method="first_k_test", exclude=[0], offset=1), [2, 3, 4])
+        with pytest.raises(ValueError, match="unknown option.*'bogus'.*known options: offset"):
+            vecaf.select(x, 3, method="first_k_test", bogus=1)
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_method("first_k_test")(type("Other", (registry.SelectionMethod,), {}))
+    finally:
+        registry._REGISTRY.pop("first_k_test", None)
+
+
+def test_broken_strategy_is_caught():
+    @registry.register_method("broken_test")
+    @dataclasses.dataclass
+    class Broken(registry.SelectionMethod):
+        def select(self, embeddings, budget, *, losses, text_embeddings, exclude, seed):
+            return np.zeros(budget, dtype=np.int64)
+
+    try:
+        with pytest.raises(RuntimeError, match="duplicate"):
+            vecaf.select(np.ones((10, 2)), 3, method="broken_test")
+    finally:
+        registry._REGISTRY.pop("broken_test", None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_contract_exclude_unique_deterministic(method):
+    x, _ = _clusters(300)
+    losses = np.random.default_rng(1).random(300)
+    exclude = np.arange(0, 300, 3)
+    kwargs = dict(method=method, losses=losses, exclude=exclude, **_options(method))
+    first = vecaf.select(x, 25, seed=4, **kwargs)
+    again = vecaf.select(torch.as_tensor(x, dtype=torch.float32), 25, seed=4, **kwargs)
+    assert first.dtype == np.int64 and first.shape == (25,)
+    assert np.unique(first).size == 25
+    assert first.min() >= 0 and first.max() < 300
+    assert not np.isin(first, exclude).any()
+    np.testing.assert_array_equal(first, again)
+
+
+def test_random_depends_on_seed_and_budget_can_fill_the_pool():
+    x = np.random.default_rng(0).standard_normal((30, 3))
+    a = vecaf.select(x, 10, method="random", seed=0)
+    b = vecaf.select(x, 10, method="random", seed=1)
+    assert not np.array_equal(np.sort(a), np.sort(b))
+    everything = vecaf.select(x, 27, method="random", exclude=[0, 1, 2])
+    np.testing.assert_array_equal(np.sort(everything), np.arange(3, 30))
+
+
+@pytest.mark.parametrize("method", ["vecaf", "activeft"])
+def test_parametric_methods_fill_the_whole_remaining_pool(method):
+    x, _ = _clusters(40, d=4)
+    idx = vecaf.select(x, 35, method=method, losses=np.ones(40), exclude=[1, 5, 7, 9, 11], max_iters=5)
+    np.testing.assert_array_equal(np.sort(idx), np.setdiff1d(np.arange(40), [1, 5, 7, 9, 11]))
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+GOOD = np.random.default_rng(0).standard_normal((20, 4))
+LOSS = np.ones(20)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(budget=0), "budget must be positive"),
+        (dict(budget=-3), "budget must be positive"),
+        (dict(budget=21), "larger than the pool"),
+        (dict(budget=18, exclude=[0, 1, 2]), r"larger than the pool minus exclude.*= 17"),
+        (dict(budget=2.5), "budget must be an integer"),
+        (dict(embeddings=np.where(np.eye(20, 4) > 0, np.nan, GOOD)), "embeddings contains NaN"),
+        (dict(embeddings=np.where(np.eye(20, 4) > 0, np.inf, GOOD)), "embeddings contains inf"),
+        (dict(losses=np.r_[np.nan, np.ones(19)]), "losses contains NaN"),
+        (dict(losses=np.r_[np.inf, np.ones(19)]), "losses contains inf"),
+        (dict(losses=np.r_[-0.5, np.ones(19)]), "losses must be non-negative"),
+        (dict(losses=np.ones(19)), "losses has 19 entries but embeddings have 20"),
+        (dict(losses=np.ones((20, 1))), r"losses must be a 1-D"),
+        (dict(losses=np.ones(0)), "losses is empty"),
+        (dict(text_embeddings=np.ones((19, 3))), "text_embeddings has 19 rows but embeddings have 20"),
+        (dict(text_embeddings=np.full((20, 3), np.nan)), "text_embeddings contains NaN"),
+        (dict(text_embeddings=np.ones(20)), "text_embeddings must be a 2-D"),
+        (dict(embeddings=np.ones(20)), r"embeddings must be a 2-D \(N, D\) array, got shape \(20,\)"),
+        (dict(embeddings=np.ones((0, 4))), "embeddings is empty"),
+        (dict(embeddings=np.ones((20, 0))), "embeddings is empty"),
+        (dict(embeddings=[["a", "b"]]), "embeddings must be an array of numbers"),
+        (dict(exclude=[3, 20]), r"exclude indices must lie in \[0, 20\), got 20"),
+        (dict(exclude=[-1]), r"exclude indices must lie in \[0, 20\)"),
+        (dict(exclude=[0.5]), "exclude must hold integer indices"),
+        (dict(seed=-1), "seed must be a non-negative integer"),
+        (dict(losses=None), "method 'vecaf' needs losses"),
+        (dict(method="topk_loss", losses=None), "method 'topk_loss' needs losses"),
+        (dict(lam=-1.0), "lam must be >= 0"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(ensemble=0), "ensemble must be an integer >= 1"),
+        (dict(max_iters=0), "max_iters must be an integer >= 1"),
+        (dict(eta=float("nan")), "eta must be a finite number"),
+        (dict(shrinkage=2.0), "shrinkage must be 'auto' or a number"),
+        (dict(align="fastest"), "align must be"),
+        (dict(block_bytes=10), "block_bytes must be an integer >= 65536"),
+        (dict(text_embeddings=np.ones((20, 3)), text_aligned=True), "text_aligned=True needs text_embeddings of the image dimension 4"),
+        (dict(projection="ridge"), "projection must be a vecaf.cea.TextProjection"),
+    ],
+)
+def test_bad_input_raises_value_error(kwargs, message):
+    call = dict(embeddings=GOOD, budget=5, method="vecaf", losses=LOSS, max_iters=5)
+    call.update(kwargs)
+    embeddings, budget = call.pop("embeddings"), call.pop("budget")
+    with pytest.raises(ValueError, match=message):
+        vecaf.select(embeddings, budget, **call)
+
+
+# --- baselines against plain loops -------------------------------------------------------------------
+
+
+def test_topk_loss_matches_sorting_and_breaks_ties_by_seed():
+    losses = np.array([0.1, 5.0, 3.0, 5.0, 0.2, 4.0, 5.0, 0.0])
+    x = np.random.default_rng(0).standard_normal((8, 2))
+    idx = vecaf.select(x, 3, method="topk_loss", losses=losses, exclude=[1])
+    assert sorted(idx.tolist()) == [3, 5, 6]
+    tie_sets = {tuple(sorted(vecaf.select(x, 2, method="topk_loss", losses=losses, seed=s).tolist())) for s in range(12)}
+    assert tie_sets <= {(1, 3), (1, 6), (3, 6)} and len(tie_sets) > 1
+
+
+def test_coreset_matches_plain_k_center_greedy():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 3))
+    exclude = [4, 17]
+    idx = vecaf.select(x, 6, method="coreset", exclude=exclude, device="cpu")
+    centres = list(exclude)
+    expected = []
+    for _ in range(6):
+        best, best_d = None, -1.0
+        for i in range(40):
+            if i in centres:
+                continue
+            d = min(sum((x[i, j] - x[c, j]) ** 2 for j in range(3)) for c in centres)
+            if d > best_d:
+                best, best_d = i, d
+        centres.append(best)
+        expected.append(best)
+    assert idx.tolist() == expected
+
+
+def test_coreset_without_exclude_starts_from_seeded_sample():
+    x = np.random.default_rng(0).standard_normal((50, 3))
+    a = vecaf.select(x, 5, method="coreset", seed=0)
+    b = vecaf.select(x, 5, method="coreset", seed=9)
+    assert a[0] != b[0] or not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, vecaf.select(x, 5, method="coreset", seed=0))
+
+
+# --- matching ----------------------------------------------------------------------------------------
+
+
+def _plain_matching(x, theta, exclude):
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    tn = theta / np.linalg.norm(theta, axis=1, keepdims=True)
+    sims = tn @ xn.T
+    sims[:, exclude] = -np.inf
+    order = sorted(range(len(theta)), key=lambda c: (-sims[c].max(), c))
+    taken = set(exclude)
+    out = [None] * len(theta)
+    for c in order:
+        ranked = sorted(range(len(x)), key=lambda i: -sims[c, i])
+        out[c] = next(i for i in ranked if i not in taken)
+        taken.add(out[c])
+    return out
+
+
+@pytest.mark.parametrize("candidates", [1, 2, 8])
+def test_matching_matches_plain_rule_even_with_collisions(candidates):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 3))
+    theta = np.repeat(rng.standard_normal((3, 3)), 4, axis=0) + 0.01 * rng.standard_normal((12, 3))
+    exclude = np.array([0, 5, 6])
+    got = matching.match_centroids(torch.tensor(x), torch.tensor(theta), exclude=exclude, candidates=candidates)
+    assert got.tolist() == _plain_matching(x, theta, exclude)
+
+
+def test_matching_small_blocks_equal_one_block():
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.standard_normal((500, 6)), dtype=torch.float32)
+    theta = torch.tensor(rng.standard_normal((40, 6)), dtype=torch.float32)
+    one = matching.match_centroids(x, theta, exclude=np.arange(10))
+    blocks = matching.match_centroids(x, theta, exclude=np.arange(10), block_bytes=40 * 4 * 7)
+    np.testing.assert_array_equal(one, blocks)
+
+
+# --- ensemble alignment and debiasing ----------------------------------------------------------------
+
+
+def test_hungarian_and_greedy_alignment_against_brute_force():
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((5, 4))
+    other = ref[[3, 0, 4, 1, 2]] + 0.3 * rng.standard_normal((5, 4))
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    cos = unit(ref) @ unit(other).T
+    best = max(itertools.permutations(range(5)), key=lambda p: sum(cos[k, p[k]] for k in range(5)))
+    assert ensemble.hungarian_match(torch.tensor(ref), torch.tensor(other)).tolist() == list(best)
+    pairs = sorted(((cos[r, c], r, c) for r in range(5) for c in range(5)), reverse=True)
+    greedy, used_r, used_c = {}, set(), set()
+    for _, r, c in pairs:
+        if r not in used_r and c not in used_c:
+            greedy[r] = c
+            used_r.add(r)
+            used_c.add(c)
+    got = ensemble.greedy_match(torch.tensor(ref), torch.tensor(other), block_bytes=4 * 5 * 2)
+    assert got.tolist() == [greedy[r] for r in range(5)]
+
+
+def test_ledoit_wolf_intensity_matches_sklearn():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    x = np.random.default_rng(0).standard_normal((30, 6)) * np.array([1, 2, 3, 0.5, 1, 4])
+    assert ensemble.ledoit_wolf_shrinkage(torch.tensor(x)) == pytest.approx(
+        ledoit_wolf_shrinkage(x, assume_centered=True), rel=1e-8
+    )
+
+
+def _formula_debias(members, reference, rho):
+    """Align every member to the reference by brute force, then theta_1 - Sigma^{-1}(theta_1 - mu), by hand."""
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    members = unit(members)
+    e_count, k, d = members.shape
+    ref = members[reference]
+    aligned = []
+    for e in range(e_count):
+        cos = ref @ members[e].T
+        perm = max(itertools.permutations(range(k)), key=lambda p: sum(cos[i, p[i]] for i in range(k)))
+        aligned.append(members[e][list(perm)])
+    aligned = np.array(aligned)
+    mu = np.array([[sum(aligned[e, c, j] for e in range(e_count)) / e_count for j in range(d)] for c in range(k)])
+    cov = np.zeros((d, d))
+    for e in range(e_count):
+        for c in range(k):
+            dev = aligned[e, c] - mu[c]
+            cov += np.outer(dev, dev)
+    cov /= k * (e_count - 1)
+    m = np.trace(cov) / d
+    sigma = (1 - rho) * cov / m + rho * np.eye(d)
+    star = ref - (np.linalg.inv(sigma) @ (ref - mu).T).T
+    return unit(star)
+
+
+@pytest.mark.parametrize("rho,reference", [(0.3, 0), (0.7, 2), (1.0, 1)])
+def test_debias_matches_formula_with_alignment(rho, reference):
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((4, 3))
+    members = np.stack([base[rng.permutation(4)] + 0.25 * rng.standard_normal((4, 3)) for _ in range(3)])
+    star, info = ensemble.debias(torch.tensor(members), reference=reference, shrinkage=rho)
+    expected = _formula_debias(members, reference, rho)
+    np.testing.assert_allclose(star.numpy(), expected, atol=1e-5)
+    assert info["shrinkage"] == rho
+
+
+def test_debias_with_identity_covariance_gives_the_aligned_mean():
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((3, 4))
+    members = np.stack([base[rng.permutation(3)] + 0.2 * rng.standard_normal((3, 4)) for _ in range(4)])
+    star, _ = ensemble.debias(torch.tensor(members), shrinkage=1.0)
+    aligned = ensemble.align_members(ensemble.normalize_rows(torch.tensor(members)))
+    mean = aligned.mean(dim=0)
+    torch.testing.assert_close(star.double(), mean / mean.norm(dim=1, keepdim=True), rtol=0, atol=1e-6)
+
+
+def test_auto_shrinkage_keeps_theta_star_no_farther_from_mu_than_theta_1():
+    rng = np.random.default_rng(6)
+    members = torch.tensor(rng.standard_normal((5, 20, 8)))
+    star, info = ensemble.debias(members, shrinkage="auto")
+    assert info["shrinkage"] >= 0.5
+    aligned = ensemble.align_members(ensemble.normalize_rows(members))
+    mu = aligned.mean(dim=0)
+    unnormalised = aligned[0] - torch.linalg.solve(
+        (1 - info["shrinkage"]) * _pooled(aligned) / info["mean_variance"] + info["shrinkage"] * torch.eye(8),
+        (aligned[0] - mu).T,
+    ).T
+    assert bool(((unnormalised - mu).norm(dim=1) <= (aligned[0] - mu).norm(dim=1) + 1e-9).all())
+    torch.testing.assert_close(star.double(), unnormalised / unnormalised.norm(dim=1, keepdim=True), atol=1e-6, rtol=0)
+
+
+def _pooled(aligned):
+    dev = (aligned - aligned.mean(dim=0)).reshape(-1, aligned.shape[-1])
+    return dev.T @ dev / (aligned.shape[1] * (aligned.shape[0] - 1))
+
+
+def test_single_member_is_not_debiased():
+    theta = torch.randn(1, 4, 3)
+    star, info = ensemble.debias(theta)
+    torch.testing.assert_close(star, (theta[0] / theta[0].norm(dim=1, keepdim=True)).float())
+    assert info["shrinkage"] is None
+
+
+# --- initialisation ----------------------------------------------------------------------------------
+
+
+def test_initial_indices_are_distinct_allowed_and_loss_weighted():
+    weights = np.r_[np.full(50, 10.0), np.full(950, 0.1)]
+    allowed = np.ones(1000, dtype=bool)
+    allowed[:5] = False
+    init = initial_indices(weights, allowed, 20, 4, seed=0)
+    assert init.shape == (4, 20)
+    for row in init:
+        assert np.unique(row).size == 20 and row.min() >= 5
+    share = (init < 50).mean()
+    assert share > 0.6
+    np.testing.assert_array_equal(init, initial_indices(weights, allowed, 20, 4, seed=0))
+    zero = initial_indices(np.r_[np.ones(3), np.zeros(7)], np.ones(10, dtype=bool), 5, 1, seed=1)
+    assert set(range(3)) <= set(zero[0].tolist())
+
+
+# --- behaviour ---------------------------------------------------------------------------------------
+
+
+def test_loss_awareness_against_activeft_and_random():
+    x, labels = _clusters(900, d=16, c=6, seed=2)
+    losses = np.where(labels == 0, 4.0, 0.4) * np.random.default_rng(0).uniform(0.8, 1.2, 900)
+    counts = {}
+    mean_loss = {}
+    for method in ("vecaf", "activeft", "random"):
+        picks = [vecaf.select(x, 30, method=method, losses=losses, seed=s, **_options(method, fast=False)) for s in range(2)]
+        counts[method] = np.mean([(labels[p] == 0).sum() for p in picks])
+        mean_loss[method] = np.mean([losses[p].mean() for p in picks])
+    assert counts["vecaf"] > counts["activeft"] and counts["vecaf"] > counts["random"]
+    assert mean_loss["vecaf"] > mean_loss["activeft"] and mean_loss["vecaf"] > mean_loss["random"]
+
+
+def test_diversity_with_equal_losses():
+    x, _ = _clusters(900, d=16, c=12, seed=3, spread=2.0)
+    losses = np.ones(900)
+    cov = {
+        m: np.mean([_coverage(x, vecaf.select(x, 30, method=m, losses=losses, seed=s, **_options(m, fast=False))) for s in range(2)])
+        for m in ("vecaf", "activeft", "random")
+    }
+    assert cov["vecaf"] < cov["random"]
+    assert cov["vecaf"] <= 1.1 * cov["activeft"]
+
+
+def test_constant_losses_and_one_member_is_activeft():
+    x, _ = _clusters(300, d=6, seed=4)
+    for seed in (0, 3):
+        one = vecaf.select(x, 15, losses=np.full(300, 0.7), ensemble=1, seed=seed, **FAST)
+        np.testing.assert_array_equal(one, vecaf.select(x, 15, method="activeft", seed=seed, **FAST))
+
+
+def test_lam_zero_concentrates_on_high_losses():
+    x, labels = _clusters(600, d=8, c=4, seed=7)
+    losses = np.where(labels == 2, 5.0, 0.5)
+    picked = vecaf.select(x, 20, losses=losses, lam=0.0, **FAST)
+    assert (labels[picked] == 2).mean() > 0.7
+
+
+def test_every_method_runs_on_cpu_with_float64_and_torch_inputs():
+    x, _ = _clusters(120, d=5)
+    losses = torch.rand(120, dtype=torch.float64)
+    for method in METHODS:
+        idx = vecaf.select(torch.as_tensor(x, dtype=torch.float64), 7, method=method, losses=losses, **_options(method))
+        assert idx.shape == (7,) and np.unique(idx).size == 7
+
+
+def test_vecaf_with_text_embeddings_projected_and_aligned():
+    x, labels = _clusters(300, d=6)
+    rng = np.random.default_rng(0)
+    text = np.eye(6)[labels % 6] @ rng.standard_normal((6, 5)) + 0.1 * rng.standard_normal((300, 5))
+    a = vecaf.select(x, 12, losses=np.ones(300), text_embeddings=text, **FAST)
+    b = vecaf.select(x, 12, losses=np.ones(300), text_embeddings=text, **FAST)
+    np.testing.assert_array_equal(a, b)
+    aligned = vecaf.select(x, 12, losses=np.ones(300), text_embeddings=x + 0.1, text_aligned=True, **FAST)
+    assert np.unique(aligned).size == 12
+    unchanged = vecaf.select(x, 12, losses=np.ones(300), text_embeddings=text, eta=0.0, **FAST)
+    np.testing.assert_array_equal(unchanged, vecaf.select(x, 12, losses=np.ones(300), **FAST))
+
+
+def test_vecaf_options_reach_the_optimiser():
+    x, _ = _clusters(200, d=6)
+    base = vecaf.select(x, 10, losses=np.ones(200), **FAST)
+    assert not np.array_equal(base, vecaf.select(x, 10, losses=np.ones(200), seed=1, **FAST))
+    exact = vecaf.select(x, 10, losses=np.ones(200), refresh=1, ensemble=2, align="greedy", **FAST)
+    assert exact.shape == (10,)
+    assert math.isfinite(float(vecaf.selection.ods_objective(x, x[base])))

@@ -1,0 +1,242 @@
+"""The parametric strategies: ``vecaf`` (ODS + ensemble debiasing + optional CEA) and ``activeft``.
+
+``vecaf`` (Sec. 3.1-3.2):
+  1. e: L2-normalised image embeddings. With ``text_embeddings``, CEA (Eq. 8-9) augments them towards
+     the captions' embeddings, mapped into image space by a ridge projection fitted on the pool (or given,
+     or skipped when ``text_aligned``); ODS then models the augmented pool.
+  2. E members, each initialised on K distinct pool samples drawn with probability p_L = L / sum L
+     (Eq. 3; uniform when L is constant), minimise Eq. 7 with Adam (``vecaf.selection.ods``).
+  3. theta_1 is the member with the lowest objective; the others are aligned to it and
+     theta* = theta_1 - Sigma^{-1}(theta_1 - mu) (``vecaf.selection.ensemble``).
+  4. Each centroid of theta* takes its nearest available sample of the original (un-augmented)
+     embeddings (``vecaf.selection.matching``), never one in ``exclude``.
+
+``activeft`` (ActiveFT, Xie et al. 2023): the same optimiser with uniform weights, one member, centroids
+initialised on uniformly drawn samples, no debiasing; the same matching.
+
+The objective models the whole pool (samples chosen in earlier loops are still part of the training
+distribution, with their current losses); ``exclude`` only removes samples from initialisation and
+matching.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vecaf import cea
+from vecaf.selection import ensemble, matching, ods
+from vecaf.selection.baselines import allowed_mask, check_block_bytes, resolve
+from vecaf.selection.registry import SelectionMethod, register_method
+
+
+def _number(name: str, value: Any, *, low: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if float(value) < low or (low_open and float(value) == low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+
+
+def _integer(name: str, value: Any, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def initial_indices(weights: np.ndarray, allowed: np.ndarray, k: int, members: int, seed: int) -> np.ndarray:
+    """(members, k) distinct allowed sample indices per member, drawn without replacement with p ~ weights.
+
+    Successive sampling by the Gumbel top-k trick (seeded). Samples of zero weight come after every
+    positive-weight sample, in random order, if a member needs more than there are.
+    """
+    rng = np.random.default_rng(seed)
+    candidates = np.flatnonzero(allowed)
+    w = weights[candidates].astype(np.float64)
+    positive = w > 0
+    log_w = np.where(positive, np.log(np.where(positive, w, 1.0)), 0.0)
+    out = np.empty((members, k), dtype=np.int64)
+    for member in range(members):
+        keys = log_w + rng.gumbel(size=candidates.shape[0])
+        keys = np.where(positive, keys, keys - 1e6)
+        top = np.argpartition(-keys, k - 1)[:k] if k < candidates.shape[0] else np.arange(candidates.shape[0])
+        top = top[np.argsort(-keys[top], kind="stable")]
+        out[member] = candidates[top]
+    return out
+
+
+@dataclass
+class _ParametricBase(SelectionMethod):
+    lam: float = 1.0
+    temperature: float = 0.07
+    lr: float = 1e-3
+    max_iters: int = 300
+    tol: float = 1e-4
+    device: str = "auto"
+    refresh: str | int = "adaptive"
+    block_bytes: int = ods.DEFAULT_BLOCK_BYTES
+
+    def _check(self) -> None:
+        _number("lam", self.lam, low=0.0)
+        _number("temperature", self.temperature, low=0.0, low_open=True)
+        _number("lr", self.lr, low=0.0, low_open=True)
+        _integer("max_iters", self.max_iters, low=1)
+        _number("tol", self.tol, low=0.0)
+        if self.refresh != "adaptive":
+            _integer("refresh", self.refresh, low=1)
+        check_block_bytes(self.block_bytes)
+
+    def _optimize(self, x: torch.Tensor, w: torch.Tensor, init: np.ndarray) -> ods.ODSResult:
+        start = x[torch.as_tensor(init, device=x.device)]
+        return ods.optimize_ods(
+            x,
+            w,
+            start,
+            lam=float(self.lam),
+            temperature=float(self.temperature),
+            lr=float(self.lr),
+            max_iters=int(self.max_iters),
+            tol=float(self.tol),
+            refresh=self.refresh,
+            block_bytes=int(self.block_bytes),
+        )
+
+
+@register_method("vecaf")
+@dataclass
+class VeCAF(_ParametricBase):
+    """VeCAF selection: ODS (Eq. 7) on CEA-augmented embeddings, E-member debiasing, nearest matching.
+
+    Attributes:
+        lam: diversity weight lambda of Eq. 7 (default 1.0, ActiveFT's balance).
+        ensemble: E, the number of independently initialised members (default 5, Sec. 3.1).
+        temperature: tau dividing every cosine in both terms of Eq. 7 (default 0.07, as ActiveFT; 1.0
+            gives the paper's literal cosines).
+        lr: Adam learning rate (default 1e-3, Sec. 4.1).
+        max_iters: cap on Adam steps (default 300, ActiveFT's).
+        tol: convergence test (default 1e-4): stop at an assignment refresh where at most this fraction
+            of assignments moved and the objective changed by at most this (relative) per iteration.
+        eta: CEA step for selection (default 0.5): Eq. 8-9 over the N pool rows with step eta * N, so an
+            average-attention sample moves a fraction eta towards its text embedding.
+        device: "auto" (CUDA when present), "cpu", "cuda", ...
+        text_aligned: the text embeddings already live in the image space (same D, e.g. CLIP towers):
+            no projection (default False: a ridge projection text -> image is fitted on the pool).
+        projection: a ``vecaf.cea.TextProjection`` fitted beforehand (e.g. on un-steered captions for OOD
+            steering); overrides fitting and ``text_aligned``.
+        ridge: relative ridge strength of the fitted projection (default 1e-2).
+        shrinkage: rho of the covariance (1 - rho) S / m + rho I, or "auto" (Ledoit-Wolf, floored at 1/2).
+        align: member alignment, "auto" (Hungarian up to K = 4096, else greedy), "hungarian", "greedy".
+        refresh: "adaptive" assignment refreshes, or a fixed interval (1 = exact every step).
+        block_bytes: size cap of one similarity block (default 256 MiB).
+    """
+
+    requires_losses = True
+    uses_text = True
+
+    ensemble: int = 5
+    eta: float = 0.5
+    text_aligned: bool = False
+    projection: cea.TextProjection | None = None
+    ridge: float = 1e-2
+    shrinkage: float | str = "auto"
+    align: str = "auto"
+
+    def __post_init__(self) -> None:
+        self._check()
+        _integer("ensemble", self.ensemble, low=1)
+        _number("eta", self.eta, low=0.0)
+        _number("ridge", self.ridge, low=0.0, low_open=True)
+        if not isinstance(self.text_aligned, bool):
+            raise ValueError(f"text_aligned must be True or False, got {self.text_aligned!r}")
+        if self.projection is not None and not isinstance(self.projection, cea.TextProjection):
+            raise ValueError(f"projection must be a vecaf.cea.TextProjection, got {type(self.projection).__name__}")
+        if not (self.shrinkage == "auto" or (isinstance(self.shrinkage, (int, float)) and 0 <= self.shrinkage <= 1)):
+            raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1], got {self.shrinkage!r}")
+        if self.align not in ("auto", "hungarian", "greedy"):
+            raise ValueError(f"align must be 'auto', 'hungarian' or 'greedy', got {self.align!r}")
+
+    def _text_transform(self, text: torch.Tensor, embeddings: torch.Tensor):
+        if self.projection is not None:
+            if self.projection.text_dim != text.shape[1] or self.projection.image_dim != embeddings.shape[1]:
+                raise ValueError(
+                    f"projection maps {self.projection.text_dim}-d text to {self.projection.image_dim}-d images, "
+                    f"but text_embeddings are {text.shape[1]}-d and embeddings {embeddings.shape[1]}-d"
+                )
+            return self.projection
+        if self.text_aligned:
+            if text.shape[1] != embeddings.shape[1]:
+                raise ValueError(
+                    f"text_aligned=True needs text_embeddings of the image dimension {embeddings.shape[1]}, "
+                    f"got {text.shape[1]}; leave text_aligned=False to fit a projection"
+                )
+            return None
+        return cea.fit_projection(text, embeddings, ridge=float(self.ridge), block_bytes=int(self.block_bytes))
+
+    def select(
+        self,
+        embeddings: torch.Tensor,
+        budget: int,
+        *,
+        losses: torch.Tensor | None,
+        text_embeddings: torch.Tensor | None,
+        exclude: np.ndarray,
+        seed: int,
+    ) -> np.ndarray:
+        device = resolve(self.device)
+        x = ods.normalized_copy(embeddings, device, block_bytes=self.block_bytes)
+        n = x.shape[0]
+        x_model = x
+        if text_embeddings is not None:
+            transform = self._text_transform(text_embeddings, embeddings)
+            x_model = cea.pool_augment(
+                x, text_embeddings, eta=float(self.eta), transform=transform, block_bytes=self.block_bytes
+            )
+            x_model.div_(x_model.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+        w = ods.loss_weights(losses, n, device)
+        init = initial_indices(w.cpu().numpy(), allowed_mask(n, exclude), budget, int(self.ensemble), seed)
+        result = self._optimize(x_model, w, init)
+        reference = int(np.argmin(result.objective))
+        theta_star, _ = ensemble.debias(
+            result.centroids, reference=reference, shrinkage=self.shrinkage, align=self.align
+        )
+        del x_model
+        return matching.match_centroids(x, theta_star.to(device), exclude=exclude, block_bytes=self.block_bytes)
+
+
+@register_method("activeft")
+@dataclass
+class ActiveFT(_ParametricBase):
+    """ActiveFT's parametric selection: Eq. 7 with uniform weights, one model, nearest matching.
+
+    Attributes:
+        lam: diversity weight (ActiveFT's balance, default 1.0).
+        temperature: tau (default 0.07).
+        lr: Adam learning rate (default 1e-3).
+        max_iters: cap on Adam steps (default 300).
+        tol: convergence test, as for ``vecaf``.
+        device: "auto" (CUDA when present), "cpu", "cuda", ...
+        refresh: "adaptive" or a fixed refresh interval.
+        block_bytes: size cap of one similarity block.
+    """
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def select(
+        self,
+        embeddings: torch.Tensor,
+        budget: int,
+        *,
+        losses: torch.Tensor | None,
+        text_embeddings: torch.Tensor | None,
+        exclude: np.ndarray,
+        seed: int,
+    ) -> np.ndarray:
+        device = resolve(self.device)
+        x = ods.normalized_copy(embeddings, device, block_bytes=self.block_bytes)
+        w = torch.ones(x.shape[0], dtype=torch.float32, device=device)
+        init = initial_indices(np.ones(x.shape[0]), allowed_mask(x.shape[0], exclude), budget, 1, seed)
+        result = self._optimize(x, w, init)
+        return matching.match_centroids(x, result.centroids[0], exclude=exclude, block_bytes=self.block_bytes)
