@@ -40,10 +40,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
 def _pair(image: Any, text: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
     is_numpy = not isinstance(image, torch.Tensor)
-    e = torch.as_tensor(np.asarray(image) if is_numpy else image)
-    t = torch.as_tensor(np.asarray(text) if not isinstance(text, torch.Tensor) else text)
+    e = _as_tensor(image)
+    t = _as_tensor(text)
     if not e.is_floating_point():
         e = e.double()
     for name, value in (("image_embeddings", e), ("text_embeddings", t)):
@@ -179,13 +183,12 @@ def fit_projection(
     """
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not float(ridge) > 0:
         raise ValueError(f"ridge must be a positive number, got {ridge!r}")
-    t_all = torch.as_tensor(np.asarray(text_embeddings) if not isinstance(text_embeddings, torch.Tensor) else text_embeddings)
-    e_all = torch.as_tensor(
-        np.asarray(image_embeddings) if not isinstance(image_embeddings, torch.Tensor) else image_embeddings
-    )
+    t_all = _as_tensor(text_embeddings)
+    e_all = _as_tensor(image_embeddings)
     if t_all.ndim != 2 or e_all.ndim != 2 or t_all.shape[0] == 0:
         raise ValueError(
-            f"text_embeddings and image_embeddings must be non-empty 2-D arrays, got {tuple(t_all.shape)} and {tuple(e_all.shape)}"
+            "text_embeddings and image_embeddings must be non-empty 2-D arrays, "
+            f"got {tuple(t_all.shape)} and {tuple(e_all.shape)}"
         )
     if t_all.shape[0] != e_all.shape[0]:
         raise ValueError(f"text_embeddings has {t_all.shape[0]} rows but image_embeddings has {e_all.shape[0]}")

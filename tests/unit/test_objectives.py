@@ -56,7 +56,9 @@ def test_weighted_cross_entropy_balanced_and_given():
 
 
 def test_per_sample_losses_dispatches_by_name():
-    np.testing.assert_array_equal(objectives.per_sample_losses(LOGITS, LABELS), objectives.cross_entropy(LOGITS, LABELS))
+    np.testing.assert_array_equal(
+        objectives.per_sample_losses(LOGITS, LABELS), objectives.cross_entropy(LOGITS, LABELS)
+    )
     np.testing.assert_array_equal(
         objectives.per_sample_losses(LOGITS, LABELS, objective="one_vs_all", target=2),
         objectives.one_vs_all(LOGITS, LABELS, target=2),

@@ -167,12 +167,12 @@ def test_exact_optimizer_reproduces_autograd_activeft():
 def test_adaptive_refresh_stays_close_to_exact_run():
     g = torch.Generator().manual_seed(1)
     centres = torch.randn(15, 24, generator=g) * 2
-    x = ods.normalize_rows(centres[torch.randint(0, 15, (1500,), generator=g)] + torch.randn(1500, 24, generator=g))
-    w = torch.rand(1500, generator=g) + 0.5
+    x = ods.normalize_rows(centres[torch.randint(0, 15, (1000,), generator=g)] + torch.randn(1000, 24, generator=g))
+    w = torch.rand(1000, generator=g) + 0.5
     w = w / w.mean()
-    init = torch.stack([x[torch.randperm(1500, generator=g)[:30]] for _ in range(3)])
-    exact = ods.optimize_ods(x, w, init, refresh=1, tol=0.0, max_iters=150)
-    fast = ods.optimize_ods(x, w, init, tol=1e-4, max_iters=150)
+    init = torch.stack([x[torch.randperm(1000, generator=g)[:30]] for _ in range(3)])
+    exact = ods.optimize_ods(x, w, init, refresh=1, tol=0.0, max_iters=100)
+    fast = ods.optimize_ods(x, w, init, tol=1e-4, max_iters=100)
     assert fast.refreshes < exact.refreshes / 3
     np.testing.assert_allclose(fast.objective, exact.objective, rtol=0.01)
     assert ods.ods_objective(x, fast.centroids[0], losses=w) == pytest.approx(fast.objective[0], rel=1e-5)

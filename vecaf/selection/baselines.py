@@ -123,11 +123,11 @@ class CoreSet(SelectionMethod):
                 block = x[start : start + rows]
                 dist = sq[start : start + rows, None] - 2 * block @ centres.T + (centres * centres).sum(dim=1)[None]
                 min_dist[start : start + rows] = dist.clamp_min_(0).min(dim=1).values
-            first = int(torch.argmax(min_dist.masked_fill(torch.as_tensor(~allowed_mask(n, exclude), device=device), -1.0)))
-        else:
-            rng = np.random.default_rng(seed)
-            first = int(rng.integers(n))
         blocked = torch.as_tensor(~allowed_mask(n, exclude), device=device)
+        if exclude.size:
+            first = int(torch.argmax(min_dist.masked_fill(blocked, -1.0)))
+        else:
+            first = int(np.random.default_rng(seed).integers(n))
         chosen = [first]
         for _ in range(budget - 1):
             centre = x[chosen[-1]]

@@ -51,13 +51,23 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def normalized_copy(x: torch.Tensor, device: torch.device | str, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
-    """A float32 copy of ``x`` on ``device`` with unit-norm rows, built block by block."""
+def normalized_copy(
+    x: torch.Tensor, device: torch.device | str, *, block_bytes: int = DEFAULT_BLOCK_BYTES
+) -> torch.Tensor:
+    """A float32 copy of ``x`` on ``device`` with unit-norm rows, built block by block.
+
+    Raises:
+        ValueError: when a row is all zeros (its cosine to anything is undefined).
+    """
     out = torch.empty(x.shape, dtype=torch.float32, device=device)
     step = rows_per_block(x.shape[1], block_bytes)
     for start in range(0, x.shape[0], step):
         block = x[start : start + step].to(device=device, dtype=torch.float32)
-        out[start : start + step] = normalize_rows(block)
+        norms = block.norm(dim=1, keepdim=True)
+        if not bool((norms > 0).all()):
+            row = start + int((norms[:, 0] <= 0).nonzero()[0, 0])
+            raise ValueError(f"embeddings row {row} is all zeros: its cosine similarity (Eq. 4, 7) is undefined")
+        out[start : start + step] = block / norms
     return out
 
 
