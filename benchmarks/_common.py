@@ -185,3 +185,17 @@ def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     return out
+
+
+def run_and_report(
+    parse_args: Callable[[list[str] | None], Any],
+    run: Callable[[Any], dict[str, Any]],
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """A benchmark's entry point: parse options, run, print the JSON report and write it to ``--out``."""
+    args = parse_args(argv)
+    report = run(args)
+    path = write_json(report, args.out)
+    print(json.dumps(report, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+    return report

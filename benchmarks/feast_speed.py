@@ -30,7 +30,6 @@ Prints the JSON and writes ``benchmarks/results/feast-speed.json`` (``feast-spee
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sqlite3
 import sys
@@ -280,12 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run, print the JSON, write it to ``--out``."""
-    args = parse_args(argv)
-    report = run(args)
-    path = _common.write_json(report, args.out)
-    print(json.dumps(report, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
-    return report
+    return _common.run_and_report(parse_args, run, argv)
 
 
 if __name__ == "__main__":
