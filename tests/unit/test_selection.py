@@ -413,7 +413,7 @@ def test_constant_losses_and_one_member_is_activeft():
 def test_lam_zero_concentrates_on_high_losses():
     x, labels = _clusters(600, d=8, c=4, seed=7)
     losses = np.where(labels == 2, 5.0, 0.5)
-    picked = vecaf.select(x, 20, losses=losses, lam=0.0, **FAST)
+    picked = vecaf.select(x, 20, losses=losses, lam=0.0, loss_power=1.0, **FAST)  # Eq. 3 as written
     assert (labels[picked] == 2).mean() > 0.7
 
 
@@ -445,3 +445,130 @@ def test_vecaf_options_reach_the_optimiser():
     exact = vecaf.select(x, 10, losses=np.ones(200), refresh=1, ensemble=2, align="greedy", **FAST)
     assert exact.shape == (10,)
     assert math.isfinite(float(vecaf.selection.ods_objective(x, x[base])))
+
+
+# --- tempered loss weights (loss_power) --------------------------------------------------------------
+
+
+def _eq3_weights(losses, n, device, power=1.0):
+    """The loss weights as they were before ``loss_power`` existed: w = L / mean(L) (Eq. 3), power ignored."""
+    if losses is None:
+        return torch.ones(n, dtype=torch.float32, device=device)
+    losses = torch.as_tensor(losses, dtype=torch.float64)
+    total = float(losses.sum())
+    if total <= 0.0 or not math.isfinite(total):
+        return torch.ones(n, dtype=torch.float32, device=device)
+    return (losses * (n / total)).to(device=device, dtype=torch.float32)
+
+
+def test_loss_weights_tempered_by_hand():
+    """w_i = L_i^beta / mean(L^beta): L = (1, 4, 9, 0) gives L^0.5 = (1, 2, 3, 0), mean 1.5."""
+    from vecaf.selection import ods
+
+    losses = torch.tensor([1.0, 4.0, 9.0, 0.0], dtype=torch.float64)
+    expected = {
+        0.5: [1 / 1.5, 2 / 1.5, 3 / 1.5, 0.0],  # (1, 2, 3, 0) / 1.5
+        1.0: [1 / 3.5, 4 / 3.5, 9 / 3.5, 0.0],  # Eq. 3: (1, 4, 9, 0) / 3.5
+        2.0: [1 / 24.5, 16 / 24.5, 81 / 24.5, 0.0],  # (1, 16, 81, 0) / 24.5
+    }
+    for power, w in expected.items():
+        got = ods.loss_weights(losses, 4, "cpu", power=power)
+        assert got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), w, rtol=1e-6)
+        # p_i = w_i / N is a distribution
+        assert float(got.double().sum()) / 4 == pytest.approx(1.0, rel=1e-6)
+    # constant and all-zero losses stay uniform for any power; None is uniform
+    for power in (0.25, 0.5, 3.0):
+        constant = ods.loss_weights(torch.full((4,), 2.5), 4, "cpu", power=power)
+        np.testing.assert_allclose(constant.numpy(), 1.0, rtol=1e-6)
+        torch.testing.assert_close(ods.loss_weights(torch.zeros(4), 4, "cpu", power=power), torch.ones(4))
+        torch.testing.assert_close(ods.loss_weights(None, 3, "cpu", power=power), torch.ones(3))
+    # L^beta overflowing float64 is computed as (L / max L)^beta: (1, 2)^2 / mean = (2/5, 8/5)
+    big = ods.loss_weights(torch.tensor([1e200, 2e200], dtype=torch.float64), 2, "cpu", power=2.0)
+    np.testing.assert_allclose(big.numpy(), [2 / 5, 8 / 5], rtol=1e-6)
+
+
+def test_vecaf_uses_the_tempered_weights_for_initialisation_and_attraction(monkeypatch):
+    """The weights the strategy hands to the Gumbel initialisation and to the optimiser, observed by spies."""
+    from vecaf.selection import methods, ods
+
+    seen = {}
+    real_init, real_opt = methods.initial_indices, ods.optimize_ods
+
+    def init_spy(weights, allowed, k, members, seed):
+        seen["init"] = np.array(weights, copy=True)
+        return real_init(weights, allowed, k, members, seed)
+
+    def opt_spy(x, w, init, **kw):
+        seen["ods"] = w.detach().cpu().numpy().copy()
+        return real_opt(x, w, init, **kw)
+
+    monkeypatch.setattr(methods, "initial_indices", init_spy)
+    monkeypatch.setattr(ods, "optimize_ods", opt_spy)
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    losses = np.array([1.0, 4.0, 9.0, 0.0])
+    cases = [({}, [1 / 1.5, 2 / 1.5, 3 / 1.5, 0.0]), ({"loss_power": 1.0}, [1 / 3.5, 4 / 3.5, 9 / 3.5, 0.0])]
+    for options, expected in cases:
+        seen.clear()
+        vecaf.select(x, 2, method="vecaf", losses=losses, device="cpu", max_iters=5, **options)
+        np.testing.assert_allclose(seen["init"], expected, rtol=1e-6)
+        np.testing.assert_allclose(seen["ods"], expected, rtol=1e-6)
+
+
+def test_loss_power_one_gives_exactly_the_eq3_picks(monkeypatch):
+    """loss_power=1.0 reproduces the picks of the code before loss_power (weights L / mean L) bit for bit."""
+    from vecaf.selection import ods
+
+    x, labels = _clusters(400, d=8, c=5, seed=11)
+    losses = np.where(labels == 1, 3.0, 0.3) * np.random.default_rng(2).uniform(0.5, 1.5, 400)
+    exclude = np.arange(0, 400, 7)
+    now = {s: vecaf.select(x, 20, losses=losses, exclude=exclude, seed=s, loss_power=1.0, **FAST) for s in (0, 5)}
+    with monkeypatch.context() as patch:
+        patch.setattr(ods, "loss_weights", _eq3_weights)
+        before = {s: vecaf.select(x, 20, losses=losses, exclude=exclude, seed=s, **FAST) for s in (0, 5)}
+    for s in now:
+        np.testing.assert_array_equal(now[s], before[s])
+    # the default is beta = 0.5, and it does change the picks here
+    default = vecaf.select(x, 20, losses=losses, exclude=exclude, seed=0, **FAST)
+    half = vecaf.select(x, 20, losses=losses, exclude=exclude, seed=0, loss_power=0.5, **FAST)
+    np.testing.assert_array_equal(default, half)
+    assert not np.array_equal(default, now[0])
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_loss_power_equals_passing_powered_losses(seed):
+    """select(L, loss_power=0.5) == select(sqrt(L), loss_power=1.0), same seed, with and without text."""
+    x, labels = _clusters(300, d=6, c=4, seed=12)
+    losses = np.random.default_rng(seed).gamma(1.5, 1.0, 300) * np.where(labels == 0, 3.0, 1.0)
+    text = np.random.default_rng(1).standard_normal((300, 5))
+    for extra in ({}, {"text_embeddings": text}):
+        tempered = vecaf.select(x, 15, losses=losses, loss_power=0.5, seed=seed, **extra, **FAST)
+        powered = vecaf.select(x, 15, losses=np.sqrt(losses), loss_power=1.0, seed=seed, **extra, **FAST)
+        np.testing.assert_array_equal(tempered, powered)
+
+
+def test_constant_losses_ignore_loss_power():
+    x, _ = _clusters(200, d=6, seed=13)
+    for power in (0.25, 1.0, 2.0):
+        picks = vecaf.select(x, 10, losses=np.full(200, 0.7), ensemble=1, loss_power=power, seed=2, **FAST)
+        np.testing.assert_array_equal(picks, vecaf.select(x, 10, method="activeft", seed=2, **FAST))
+
+
+@pytest.mark.parametrize(
+    "power,message",
+    [
+        (0.0, "loss_power must be > 0"),
+        (-0.5, "loss_power must be > 0"),
+        (float("nan"), "loss_power must be a finite number, got nan"),
+        (float("inf"), "loss_power must be a finite number, got inf"),
+        (True, "loss_power must be a finite number, got True"),
+        ("0.5", "loss_power must be a finite number"),
+    ],
+)
+def test_bad_loss_power_raises_value_error(power, message):
+    from vecaf.selection import ods
+
+    with pytest.raises(ValueError, match=message):
+        vecaf.select(GOOD, 5, method="vecaf", losses=LOSS, loss_power=power, max_iters=5)
+    with pytest.raises(ValueError, match="loss_power must be a finite number > 0"):
+        ods.loss_weights(torch.ones(3), 3, "cpu", power=power)

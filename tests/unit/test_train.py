@@ -561,3 +561,172 @@ def test_a_model_whose_head_fits_is_kept_without_a_warning(data):
         )
     assert result.notes == []
     torch.testing.assert_close(result.model.get_classifier().weight, model.classifier.weight, rtol=0, atol=0)
+
+
+# ----- cumulative training (the growing labelled set) ----------------------------------------------------------
+
+
+def _record_training_batches(monkeypatch):
+    """Spy on the batches the training loop draws: one (subset, batches) entry per loop."""
+    drawn = []
+    real = engine.epoch_batches
+
+    def spy(subset, n_batches, batch_size, rng):
+        batches = real(subset, n_batches, batch_size, rng)
+        drawn.append((np.array(subset, copy=True), batches.copy()))
+        return batches
+
+    monkeypatch.setattr(engine, "epoch_batches", spy)
+    return drawn
+
+
+@pytest.mark.parametrize("exclude_previous", [True, False])
+def test_cumulative_trains_each_loop_on_all_picks_so_far(data, monkeypatch, exclude_previous):
+    drawn = _record_training_batches(monkeypatch)
+    # 3 batches of 8 per loop = 24 draws >= the 15 samples of the largest union: every sample is drawn
+    common = dict(mode="head", method="random", budget=5, loops=3, batch_budget=9, batch_size=8, lr=0.1, seed=4,
+                  exclude_previous=exclude_previous)
+    result = finetune(None, data["train_feats"], data["test_feats"], cumulative=True, **common)
+    assert len(drawn) == 3
+    for loop, (_, batches) in enumerate(drawn):
+        union = set(np.concatenate([result.loops[i].picks for i in range(loop + 1)]).tolist())
+        assert set(batches.reshape(-1).tolist()) == union
+    if exclude_previous:
+        assert [len(set(b.reshape(-1).tolist())) for _, b in drawn] == [5, 10, 15]
+    # the batch budget is unchanged, and the records still hold each loop's own K picks
+    assert [r.batches for r in result.loops] == [3, 3, 3] and len(result.train_curve) == 9
+    assert [len(p) for p in result.picks] == [5, 5, 5]
+    assert result.config["cumulative"] is True
+
+    drawn.clear()
+    paper = finetune(None, data["train_feats"], data["test_feats"], cumulative=False, **common)
+    assert len(drawn) == 3
+    for loop, (_, batches) in enumerate(drawn):
+        assert set(batches.reshape(-1).tolist()) == set(paper.loops[loop].picks.tolist())
+    assert paper.config["cumulative"] is False
+    # loop 1 trains on the same 5 picks either way: identical up to the end of loop 1
+    np.testing.assert_array_equal(paper.loops[0].picks, result.loops[0].picks)
+    assert paper.train_curve[:3] == result.train_curve[:3]
+
+
+def test_cumulative_default_is_the_papers_protocol(data):
+    common = dict(mode="head", method="random", budget=5, loops=2, batch_budget=4, batch_size=8, lr=0.1)
+    default = finetune(None, data["train_feats"], data["test_feats"], **common)
+    explicit = finetune(None, data["train_feats"], data["test_feats"], cumulative=False, **common)
+    torch.testing.assert_close(default.model.weight, explicit.model.weight, rtol=0, atol=0)
+    assert default.config["cumulative"] is False
+
+
+def test_cumulative_is_ignored_by_full_data_finetuning(data):
+    common = dict(mode="head", method="full", loops=2, batch_budget=4, batch_size=8, lr=0.1)
+    plain = finetune(None, data["train_feats"], data["test_feats"], **common)
+    asked = finetune(None, data["train_feats"], data["test_feats"], cumulative=True, **common)
+    torch.testing.assert_close(plain.model.weight, asked.model.weight, rtol=0, atol=0)
+    assert asked.config["cumulative"] is False
+    assert any("ignores cumulative" in n for n in asked.notes)
+
+
+def test_cumulative_must_be_a_bool(data):
+    with pytest.raises(ValueError, match="cumulative must be True or False"):
+        finetune(None, data["train_feats"], data["test_feats"], method="random", budget=5, batch_budget=3,
+                 cumulative="yes")
+
+
+class _StopAfterFirstLoop(Exception):
+    pass
+
+
+def _stop_after_first_loop(record):
+    if record.loop == 0:
+        raise _StopAfterFirstLoop
+
+
+CUMULATIVE_RUN = dict(mode="head", method="random", budget=5, loops=3, batch_budget=6, batch_size=8, lr=0.1, seed=6)
+
+
+def test_resume_refuses_a_checkpoint_with_a_different_cumulative(data, tmp_path):
+    for made, now in ((False, True), (True, False)):
+        directory = tmp_path / f"made-{made}"
+        with pytest.raises(_StopAfterFirstLoop):
+            finetune(None, data["train_feats"], data["test_feats"], checkpoint_dir=directory, cumulative=made,
+                     callbacks={"on_loop_end": _stop_after_first_loop}, **CUMULATIVE_RUN)
+        with pytest.raises(ValueError, match=f"different settings.*cumulative: checkpoint {made} vs now {now}"):
+            finetune(None, data["train_feats"], data["test_feats"], checkpoint_dir=directory, resume=True,
+                     cumulative=now, **CUMULATIVE_RUN)
+
+
+def test_cumulative_resume_rebuilds_the_union_from_the_checkpoint(data, tmp_path):
+    full = finetune(None, data["train_feats"], data["test_feats"], cumulative=True, **CUMULATIVE_RUN)
+    with pytest.raises(_StopAfterFirstLoop):
+        finetune(None, data["train_feats"], data["test_feats"], checkpoint_dir=tmp_path, cumulative=True,
+                 callbacks={"on_loop_end": _stop_after_first_loop}, **CUMULATIVE_RUN)
+    resumed = finetune(None, data["train_feats"], data["test_feats"], checkpoint_dir=tmp_path, resume=True,
+                       cumulative=True, **CUMULATIVE_RUN)
+    torch.testing.assert_close(resumed.model.weight, full.model.weight, rtol=0, atol=0)
+    assert resumed.train_curve == full.train_curve
+    for a, b in zip(resumed.picks, full.picks, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_from_before_cumulative_resumes_as_non_cumulative(data, tmp_path):
+    from vecaf.train.checkpoint import load_checkpoint, save_checkpoint
+
+    with pytest.raises(_StopAfterFirstLoop):
+        finetune(None, data["train_feats"], data["test_feats"], checkpoint_dir=tmp_path,
+                 callbacks={"on_loop_end": _stop_after_first_loop}, **CUMULATIVE_RUN)
+    path = tmp_path / "loop-1.pt"
+    state = load_checkpoint(path)
+    del state["fingerprint"]["cumulative"]
+    save_checkpoint(path, state)
+    resumed = finetune(None, data["train_feats"], data["test_feats"], checkpoint_dir=tmp_path, resume=True,
+                       **CUMULATIVE_RUN)
+    assert [r.loop for r in resumed.loops] == [0, 1, 2]
+    with pytest.raises(ValueError, match="cumulative: checkpoint False vs now True"):
+        finetune(None, data["train_feats"], data["test_feats"], resume=path, cumulative=True, **CUMULATIVE_RUN)
+
+
+def test_cumulative_with_cea_in_the_forward_pass_covers_the_whole_union(data, monkeypatch):
+    """Head mode, vecaf with text: in loop l the CEA constants are Eq. 8-9 over the union U of the picks of
+    loops 1..l (alpha = softmax over U, step = eta |U| alpha), one per trained row, none missing."""
+    from vecaf import cea
+
+    x, y = data["train_feats"]
+    text = np.random.default_rng(3).normal(size=(len(y), 12)).astype(np.float32)
+    drawn = _record_training_batches(monkeypatch)
+    seen = []
+    real_mixer = engine._cea_mixer
+
+    def recording_mixer(lam_bw):
+        real = real_mixer(lam_bw)
+
+        def mixer(e, t, step):
+            seen.append((t.clone(), step.clone()))
+            return real(e, t, step)
+
+        return mixer
+
+    monkeypatch.setattr(engine, "_cea_mixer", recording_mixer)
+    result = finetune(
+        None, (x, y), data["test_feats"], mode="head", method="vecaf", budget=4, loops=3, batch_budget=6,
+        batch_size=8, lr=0.1, text_embeddings=text, eta=0.5, lam_bw=0.9, cumulative=True,
+        selection_options={"max_iters": 20},
+    )
+    assert result.config["cumulative"] is True and result.config["cea"] is True
+    assert math.isfinite(result.top1) and len(seen) == 6  # one mixed forward per training batch
+    projection = cea.fit_projection(text, x)
+    for loop in range(3):
+        union = np.unique(np.concatenate([result.loops[i].picks for i in range(loop + 1)]))
+        assert len(union) == 4 * (loop + 1)
+        direction = np.asarray(projection(text[union]), dtype=np.float64)
+        norms = [math.sqrt(sum(float(v) ** 2 for v in x[p])) for p in union]
+        d2 = [sum((float(x[p, j]) / norms[i] - direction[i, j]) ** 2 for j in range(x.shape[1]))
+              for i, p in enumerate(union)]
+        expo = [math.exp(v) for v in d2]
+        step_expected = {int(p): 0.5 * len(union) * v / sum(expo) for p, v in zip(union, expo)}
+        t_expected = {int(p): norms[i] * direction[i] for i, p in enumerate(union)}
+        _, batches = drawn[loop]
+        for b, batch in enumerate(batches):
+            t_seen, step_seen = seen[2 * loop + b]
+            for r, p in enumerate(batch):
+                np.testing.assert_allclose(t_seen[r].numpy(), t_expected[int(p)], rtol=1e-4, atol=1e-4)
+                assert step_seen[r].item() == pytest.approx(step_expected[int(p)], rel=1e-4)

@@ -1,17 +1,19 @@
 """Objective-aware Data Selection (ODS, Sec. 3.1, Eq. 3-7) with hand-written gradients.
 
 For one selection model theta (K centroids) over a pool of N embeddings e_i with losses L_i the
-objective is Eq. 7 with the loss weights of Eq. 3 and a temperature tau::
+objective is Eq. 7 with the loss weights of Eq. 3 (tempered by an exponent beta) and a temperature tau::
 
     F(theta) = -(1/tau) sum_i p_i <e_i, theta^{c_i}>  +  (lam/K) sum_k log sum_{j != k} exp(<theta_k, theta_j>/tau)
 
-    p_i = L_i / sum_j L_j  (Eq. 3, Z = sum L),   c_i = argmax_k <e_i, theta_k>,   <.,.> = cosine.
+    p_i = L_i^beta / sum_j L_j^beta,   c_i = argmax_k <e_i, theta_k>,   <.,.> = cosine.
 
-tau = 1 gives the literal cosines of Eq. 7; tau = 0.07 and constant L give ActiveFT's objective. The
-centroids are free vectors P normalised on use (theta = P / ||P||), optimised with Adam (lr 1e-3).
+beta = 1 is Eq. 3 as written (Z = sum L); the ``vecaf`` strategy uses beta = ``loss_power`` (default
+0.5, see ``vecaf.selection.methods``). tau = 1 gives the literal cosines of Eq. 7; tau = 0.07 and constant
+L give ActiveFT's objective. The centroids are free vectors P normalised on use (theta = P / ||P||),
+optimised with Adam (lr 1e-3).
 
 The gradient is written by hand. The nearest-centroid assignment makes the attraction gradient a
-scatter-add: dF/dtheta_k = -(1/(N tau)) S_k with S_k = sum_{i: c_i = k} w_i e_i (w = L / mean L), and the
+scatter-add: dF/dtheta_k = -(1/(N tau)) S_k with S_k = sum_{i: c_i = k} w_i e_i (w = N p), and the
 diversity gradient is (lam/(K tau)) (A + A^T) theta with A the row softmax of theta theta^T / tau (zero
 diagonal). Both go through the normalisation Jacobian (I - theta theta^T) / ||P||.
 
@@ -71,11 +73,39 @@ def normalized_copy(
     return out
 
 
-def loss_weights(losses: torch.Tensor | None, n: int, device: torch.device | str) -> torch.Tensor:
-    """w_i = L_i / mean(L) (so p_i = w_i / N is Eq. 3 with Z = sum L); uniform when L is None or all zero."""
+def _check_power(power: object) -> float:
+    """The exponent beta of the loss weights as a float: finite and > 0 (``ValueError`` otherwise)."""
+    if isinstance(power, (bool, np.bool_)) or not isinstance(power, (int, float, np.integer, np.floating)):
+        raise ValueError(f"loss_power must be a finite number > 0, got {power!r}")
+    if not math.isfinite(float(power)) or float(power) <= 0.0:
+        raise ValueError(f"loss_power must be a finite number > 0, got {power!r}")
+    return float(power)
+
+
+def loss_weights(
+    losses: torch.Tensor | None, n: int, device: torch.device | str, *, power: float = 1.0
+) -> torch.Tensor:
+    """w_i = L_i^beta / mean(L^beta) with beta = ``power``, so p_i = w_i / N = L_i^beta / sum_j L_j^beta.
+
+    beta = 1 is Eq. 3 with Z = sum L; a smaller beta flattens the weights towards uniform (beta -> 0).
+    Uniform when L is None or all zero; constant L gives w = 1 for any beta.
+
+    Raises:
+        ValueError: ``power`` is not a finite number > 0.
+    """
+    power = _check_power(power)
     if losses is None:
         return torch.ones(n, dtype=torch.float32, device=device)
     losses = torch.as_tensor(losses, dtype=torch.float64)
+    if power != 1.0:
+        # numpy's power is correctly rounded (power 0.5 is exactly np.sqrt), so pre-powered losses with
+        # power 1 give the same weights bit for bit; a pool whose L^beta overflows uses (L / max L)^beta
+        values = losses.detach().cpu().numpy()
+        with np.errstate(over="ignore"):
+            powered = np.power(values, power)
+            if not math.isfinite(float(powered.sum())) and np.isfinite(values).all() and values.max() > 0:
+                powered = np.power(values / values.max(), power)
+        losses = torch.from_numpy(powered)
     total = float(losses.sum())
     if total <= 0.0 or not math.isfinite(total):
         return torch.ones(n, dtype=torch.float32, device=device)

@@ -6,16 +6,19 @@ loops one batch more). Loop l:
 1. one batched pass over the pool under the current weights w gives each sample's embedding e_i and
    loss L_i = objective(f(x_i; w), y_i) (Eq. 3);
 2. ``vecaf.select`` picks K samples (ODS, Eq. 7, or a baseline), excluding earlier picks when asked;
-3. the model trains B_l batches drawn from the K samples (reshuffled epochs of the subset, cycled when
-   K < batch size) with SGD (lr 5e-4, weight decay 1e-4, momentum 0.9) and one cosine decay over all B
-   batches: lr(b) = lr0 * (1 + cos(pi b / B)) / 2 (Appendix C);
-4. for selected samples with a text embedding the head sees (1 - lam_bw) e_aug + lam_bw e (Eq. 10),
-   e_aug = e - eta_K alpha (e - t) (Eq. 9), alpha = softmax over the K selected samples of the squared
+3. the model trains B_l batches drawn from the loop's training set (reshuffled epochs of the set, cycled
+   when it is smaller than a batch) with SGD (lr 5e-4, weight decay 1e-4, momentum 0.9) and one cosine
+   decay over all B batches: lr(b) = lr0 * (1 + cos(pi b / B)) / 2 (Appendix C). The training set is the
+   loop's K picks (the paper, Sec. 3.1: the selected set finetunes the PVM until the next loop starts),
+   or with ``cumulative=True`` the union of the picks of loops 1..l (a growing labelled set), with the
+   same B_l batches either way;
+4. for training-set samples with a text embedding the head sees (1 - lam_bw) e_aug + lam_bw e (Eq. 10),
+   e_aug = e - eta_K alpha (e - t) (Eq. 9), alpha = softmax over the training set of the squared
    distance between the normalised image embedding and the caption embedding projected into the image
    space (Eq. 8, ridge projection of ``vecaf.cea`` refitted on the pool each loop since e moves in full
    mode), computed at the loop start; t is that projected direction at the scale ||e||, and eta_K = eta K
-   (the K-normalised step that ``vecaf.cea`` also uses for selection). alpha and t are constants (no
-   gradient). lam_bw = 1 turns CEA off.
+   with K the training set's size (the K-normalised step that ``vecaf.cea`` also uses for selection; up to
+   l K when cumulative). alpha and t are constants (no gradient). lam_bw = 1 turns CEA off.
 
 Full-data finetuning (``method="full"`` or None) draws the same number of batches from the whole pool
 with no selection. Evaluation on the test split every ``eval_every`` batches and at each loop end gives
@@ -50,6 +53,8 @@ __all__ = ["FULL_DATA", "FinetuneResult", "LoopRecord", "TrainingDivergedError",
 FULL_DATA = "full"
 MODES = ("head", "full")
 CHECKPOINT_FORMAT = 1
+# fingerprint fields added after format 1 was written, with the value older checkpoints were made under
+_FINGERPRINT_DEFAULTS: dict[str, Any] = {"cumulative": False}
 _MATERIALIZE_LIMIT_BYTES = 2 << 30
 
 
@@ -439,6 +444,7 @@ def finetune(
     eta: float = 0.5,
     lam_bw: float = 0.998,
     exclude_previous: bool = True,
+    cumulative: bool = False,
     use_losses: bool = True,
     eval_every: int | None = None,
     eval_at_start: bool = True,
@@ -493,6 +499,11 @@ def finetune(
             ``eta`` unless ``selection_options`` sets one.
         lam_bw: balance lam_bw of Eq. 10 (1 disables CEA in the forward pass).
         exclude_previous: never pick a sample chosen in an earlier loop.
+        cumulative: what each loop trains on. False (default, the paper's protocol, Sec. 3.1): loop l
+            trains its B_l batches on its own K picks only. True: loop l trains its B_l batches on the
+            union of the picks of loops 1..l (the growing labelled set of classic active learning; the
+            batch budget is unchanged), and the CEA constants (Eq. 8-9) are computed over that union.
+            Ignored by full-data finetuning.
         use_losses: give the per-sample losses to the selection; False passes constant losses, which
             removes the loss weighting of Eq. 7 (the "ODS off" row of Table 5).
         eval_every: evaluate on the test split every n global batches (default B // 10); loop ends and
@@ -551,6 +562,8 @@ def finetune(
         eval_every = max(1, batch_budget // 10)
     if isinstance(eval_every, bool) or not isinstance(eval_every, (int, np.integer)) or eval_every <= 0:
         raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+    if not isinstance(cumulative, (bool, np.bool_)):
+        raise ValueError(f"cumulative must be True or False, got {cumulative!r}")
     if resume and checkpoint_dir is None and not isinstance(resume, (str, Path)):
         raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint file as resume=path)")
 
@@ -620,6 +633,7 @@ def finetune(
             eta=float(eta),
             lam_bw=lam_bw,
             exclude_previous=bool(exclude_previous),
+            cumulative=bool(cumulative),
             use_losses=bool(use_losses),
             eval_every=int(eval_every),
             eval_at_start=bool(eval_at_start),
@@ -684,6 +698,8 @@ class _Run:
             num_classes=self.num_classes, labels=self.train_labels,
         )
         test_inputs, self.test_labels = self.test
+        if self.cumulative and self.full_data:
+            self._note("full-data finetuning ignores cumulative=True (every loop already trains on the whole pool)")
         self.pool_features = self._features_arg(self.train_features, len(self.train_labels), "train_features")
         self.test_feats = self._features_arg(self.test_features, len(self.test_labels), "test_features")
         head_seed = _derive(self.seed, 2)
@@ -899,12 +915,26 @@ class _Run:
             )
         picks = np.asarray(ddp.broadcast_object(picks, self.ctx), dtype=np.int64)
         seconds["select"] = time.perf_counter() - t0
-        cea = self._cea_constants(emb, picks) if self.cea_forward else None
+        cea = self._cea_constants(emb, self._training_set(picks)) if self.cea_forward else None
         self.loop_cea = cea
         return picks, losses[picks], emb, seconds
 
+    def _training_set(self, picks: np.ndarray) -> np.ndarray:
+        """What the current loop trains on: its picks, or (cumulative) the union with every earlier loop's.
+
+        The union lists the picks in loop order, each sample once (at its first pick), so loop 1 trains
+        exactly as without ``cumulative``. ``self.records`` holds the earlier loops (restored from the
+        checkpoint on resume).
+        """
+        if self.full_data or not self.cumulative:
+            return picks
+        chosen = np.concatenate([r.picks for r in self.records] + [np.asarray(picks, dtype=np.int64)])
+        _, first = np.unique(chosen, return_index=True)
+        return chosen[np.sort(first)]
+
     def _cea_constants(self, emb: np.ndarray, picks: np.ndarray) -> dict[str, Any] | None:
-        """Projected t and step s = eta K alpha (Eq. 8-9) of the picks that have a caption, for one loop."""
+        """Projected t and step s = eta K alpha (Eq. 8-9) of the loop's training set (``picks``: its pool
+        indices, K of them) for the samples that have a caption, for one loop."""
         from vecaf import cea
 
         has = self.text_has[picks]
@@ -998,6 +1028,7 @@ class _Run:
             "lam_bw": self.lam_bw,
             "cea": bool(self.cea_forward),
             "exclude_previous": self.exclude_previous,
+            "cumulative": bool(self.cumulative) and not self.full_data,
             "use_losses": self.use_losses,
             "seed": self.seed,
             "pool_size": len(self.train_labels),
@@ -1046,7 +1077,7 @@ class _Run:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint {path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
         mine = self._fingerprint()
-        theirs = state["fingerprint"]
+        theirs = {**_FINGERPRINT_DEFAULTS, **state["fingerprint"]}
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             detail = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
@@ -1079,7 +1110,7 @@ class _Run:
             self.timings["select"] += seconds["select"]
             t0 = time.perf_counter()
             eval_before = self.timings["eval"]
-            train_loss = self._train_loop(loop, picks)
+            train_loss = self._train_loop(loop, self._training_set(picks))
             point = self._evaluate(loop)
             eval_seconds = self.timings["eval"] - eval_before
             train_seconds = time.perf_counter() - t0 - eval_seconds
