@@ -20,10 +20,16 @@ of (b) and (c) (``vecaf.selection.ods_objective`` with the picked samples as cen
 lambda = 1, tau = 0.07) and |F_b - F_c| / |F_c| (goal <= 1 %); since F is a difference of two terms of
 similar size, |F_b - F_c| is also given relative to the attraction term A = 1/N sum_i w_i max_s cos / tau
 of (c) (w_i = L_i / mean(L)); the coverage of each selection,
-mean_i min_{s in S} (1 - cos(e_i, e_s)); the overlap |S_b ∩ S_c| / K; the process's peak RSS.
+mean_i min_{s in S} (1 - cos(e_i, e_s)); the overlap |S_b ∩ S_c| / K; the process's peak RSS and, on CUDA,
+each selection's peak GPU memory, beside the memory goal 2 x (N x D float32) + the 256 MiB block budget; the
+time of one exact assignment pass of the optimiser (N pool rows against E K = 5 K centroids: similarity, max,
+scatter-add) and its achieved TFLOP/s (2 N D E K flops), beside the card's float32 and bfloat16 matmul rates
+measured in the same run (an 8192^3 product on CUDA, 2048^3 on CPU).
 
     python benchmarks/selection_speed.py                            # 20000 x 384, K = 200
     python benchmarks/selection_speed.py --sizes 60000x1280x600     # the issue's large size (~20 min plain)
+    python benchmarks/selection_speed.py --device cuda --matmul-precision high --skip-exact --plain-max-n 100000 \
+        --no-picks --sizes 10000x768x100,100000x768x1000,1281167x768x12812   # scaling curve up to ImageNet-1K at 1 %
     python benchmarks/selection_speed.py --quick                    # smoke run (tiny sizes)
 
 Prints the JSON and writes it to ``benchmarks/results/selection-speed.json`` (``--out`` to change).
@@ -32,6 +38,7 @@ Prints the JSON and writes it to ``benchmarks/results/selection-speed.json`` (``
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import resource
@@ -47,6 +54,7 @@ import _common  # noqa: E402
 GOAL_RATIO = 0.5
 GOAL_OBJECTIVE_REL = 0.01
 TEMPERATURE = 0.07
+BLOCK_BUDGET_MIB = 256  # vecaf.selection.ods.DEFAULT_BLOCK_BYTES, the fixed block budget of goal 3
 QUICK = {"sizes": "2000x64x20", "plain_iters": 50}
 
 
@@ -70,12 +78,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--sizes", type=size_list, default=size_list("20000x384x200"), help="NxDxK[,NxDxK...]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pool, the losses and every selection")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the pool, the losses and every selection (one row per size and seed)")
+    p.add_argument("--ours-options", type=json.loads, default={},
+                   help='extra vecaf.select options for (b) as JSON, e.g. \'{"tol": 0}\' (default: none)')
     p.add_argument("--clusters", type=_common.positive_int, default=None, help="K_true (default: K)")
     p.add_argument("--spread", type=_common.positive_float, default=1.0, help="cluster spread s")
     p.add_argument("--plain-iters", type=_common.positive_int, default=300, help="Adam steps of the plain run")
     p.add_argument("--device", type=_common.device_name, default="auto")
     p.add_argument("--skip-exact", action="store_true", help="skip (c), the exact-refresh quality reference")
+    p.add_argument("--plain-max-n", type=_common.positive_int, default=None,
+                   help="skip (a), the plain run, at sizes with N above this (it holds two N x K float32 matrices)")
+    p.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
+                   help="torch.set_float32_matmul_precision for every run (high = TF32 on CUDA)")
+    p.add_argument("--no-picks", dest="keep_picks", action="store_false", help="leave the picks out of the JSON")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     p.add_argument("--out", default=str(_common.RESULTS_DIR / "selection-speed.json"))
     args = p.parse_args(argv)
@@ -85,16 +101,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def synthetic_pool(n: int, d: int, clusters: int, *, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded clustered unit embeddings (N, D) float32 and losses (N,) ~ Gamma(2, 1) float32."""
+def synthetic_pool(
+    n: int, d: int, clusters: int, *, spread: float, seed: int, rows: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded clustered unit embeddings (N, D) float32 and losses (N,) ~ Gamma(2, 1) float32.
+
+    Built ``rows`` rows at a time (the same random stream as one (N, D) draw), so the float64 scratch stays
+    small next to the float32 result at ImageNet size.
+    """
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, d))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     labels = rng.integers(0, clusters, size=n)
-    e = centres[labels] + spread * rng.standard_normal((n, d)) / math.sqrt(d)
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    e = np.empty((n, d), dtype=np.float32)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        block = centres[labels[lo:hi]] + spread * rng.standard_normal((hi - lo, d)) / math.sqrt(d)
+        e[lo:hi] = block / np.linalg.norm(block, axis=1, keepdims=True)
     losses = rng.gamma(2.0, 1.0, size=n)
-    return e.astype(np.float32), losses.astype(np.float32)
+    return e, losses.astype(np.float32)
 
 
 def plain_activeft(e: np.ndarray, k: int, *, iters: int, seed: int, device: str) -> np.ndarray:
@@ -127,25 +152,105 @@ def plain_activeft(e: np.ndarray, k: int, *, iters: int, seed: int, device: str)
     return np.asarray(picks, dtype=np.int64)
 
 
-def coverage(e: np.ndarray, picks: np.ndarray, *, block: int = 8192) -> float:
-    """mean_i min_{s in picks} (1 - cos(e_i, e_s)), in row blocks."""
-    x = e / np.linalg.norm(e, axis=1, keepdims=True)
-    chosen = x[picks]
-    total = 0.0
-    for lo in range(0, x.shape[0], block):
-        total += float((1.0 - (x[lo : lo + block] @ chosen.T).max(axis=1)).sum())
-    return total / x.shape[0]
+def _unit_torch(e: Any, device: str | None = None):
+    import torch
+
+    x = torch.as_tensor(e, dtype=torch.float32, device=device)
+    return x / x.norm(dim=1, keepdim=True)
 
 
-def attraction(e: np.ndarray, picks: np.ndarray, losses: np.ndarray, *, block: int = 8192) -> float:
+def _best_similarity(e: Any, picks: np.ndarray, block: int, device: str | None):
+    """max_{s in picks} cos(e_i, e_s) for every i, as a float64 tensor, in row blocks (torch, on ``device``)."""
+    import torch
+
+    x = _unit_torch(e, device)
+    chosen = x[torch.as_tensor(np.asarray(picks), device=x.device)]
+    return torch.cat([(x[lo : lo + block] @ chosen.T).max(dim=1).values for lo in range(0, x.shape[0], block)]).double()
+
+
+def coverage(e: Any, picks: np.ndarray, *, block: int = 8192, device: str | None = None) -> float:
+    """mean_i min_{s in picks} (1 - cos(e_i, e_s)), in row blocks (``e`` a NumPy array or a torch tensor)."""
+    return float((1.0 - _best_similarity(e, picks, block, device)).mean())
+
+
+def attraction(
+    e: Any, picks: np.ndarray, losses: np.ndarray, *, block: int = 8192, device: str | None = None
+) -> float:
     """Eq. 7's attraction at the picks: 1/N sum_i w_i max_{s in picks} cos(e_i, e_s) / tau, w_i = L_i / mean(L)."""
-    x = e / np.linalg.norm(e, axis=1, keepdims=True)
-    w = losses.astype(np.float64) / float(np.mean(losses))
-    chosen = x[picks]
-    total = 0.0
-    for lo in range(0, x.shape[0], block):
-        total += float((w[lo : lo + block] * (x[lo : lo + block] @ chosen.T).max(axis=1)).sum())
-    return total / (x.shape[0] * TEMPERATURE)
+    import torch
+
+    best = _best_similarity(e, picks, block, device)
+    w = torch.as_tensor(np.asarray(losses, dtype=np.float64), device=best.device)
+    return float((w / w.mean() * best).mean()) / TEMPERATURE
+
+
+def matmul_rate_tflops(device: str, dtype_name: str, *, side: int | None = None, repeats: int = 5) -> float:
+    """Achieved TFLOP/s of a square side^3 product (3 warm-ups, mean of ``repeats``): the card's matmul rate.
+
+    float32 follows torch's ``float32_matmul_precision`` (TF32 on CUDA when "high"), like the similarity step.
+    """
+    import time
+
+    import torch
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    side = side or (8192 if device.startswith("cuda") else 2048)
+    a = torch.randn(side, side, device=device).to(dtype)
+    b = torch.randn(side, side, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2.0 * side**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def similarity_step_rate(x, k: int, device: str, *, members: int = 5, seed: int = 0) -> dict[str, float]:
+    """Time one exact assignment pass of ``vecaf``'s optimiser (all E*K centroids against the N pool rows, in
+    blocks: similarity, max, loss-weighted scatter-add) and its achieved TFLOP/s, counting 2 N D E K flops."""
+    import time
+
+    import torch
+
+    from vecaf.selection import ods
+
+    generator = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    theta = ods.normalize_rows(torch.randn(members, k, d, generator=generator)).to(x.device)
+    w = torch.ones(n, device=x.device)
+    rows = ods.rows_per_block(members * k, ods.DEFAULT_BLOCK_BYTES)
+    ods._refresh(x, w, theta, rows)
+    _sync(device)
+    t0 = time.perf_counter()
+    ods._refresh(x, w, theta, rows)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tflops": 2.0 * n * d * members * k / seconds / 1e12}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _gpu_peak_mib(device: str) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    return torch.cuda.max_memory_allocated(device) / (1024.0 * 1024.0)
+
+
+def _gpu_reset_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_rss_mib() -> float:
@@ -160,35 +265,52 @@ def check_picks(picks: np.ndarray, n: int, k: int, name: str) -> None:
         raise ValueError(f"{name} returned invalid picks: shape {picks.shape}, expected {k} unique indices < {n}")
 
 
-def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """The three selections at one size and their figures."""
+def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed: int) -> dict[str, Any]:
+    """The selections at one size and seed and their figures (plain skipped above ``--plain-max-n``)."""
+    import torch
+
     import vecaf
     from vecaf.selection import ods_objective
 
-    e, losses = synthetic_pool(n, d, args.clusters or k, spread=args.spread, seed=args.seed)
-    ours_options = {"method": "vecaf", "losses": losses, "seed": args.seed, "device": device}
-    seconds, first = _common.interleaved(
-        {
-            "plain": lambda: plain_activeft(e, k, iters=args.plain_iters, seed=args.seed, device=device),
-            "ours": lambda: vecaf.select(e, k, **ours_options),
-        },
-        repeats=1,
-    )
-    picks = {"plain": first["plain"], "ours": first["ours"]}
+    e, losses = synthetic_pool(n, d, args.clusters or k, spread=args.spread, seed=seed)
+    ours_options = {"method": "vecaf", "losses": losses, "seed": seed, "device": device}
+    ours_extra = dict(args.ours_options)
+    gpu_peaks: dict[str, float | None] = {}
+
+    def measured(name: str, fn):
+        def call():
+            _gpu_reset_peak(device)
+            out = fn()
+            _sync(device)
+            gpu_peaks[name] = _gpu_peak_mib(device)
+            return out
+
+        return call
+
+    runs = {"ours": measured("ours", lambda: vecaf.select(e, k, **ours_options, **ours_extra))}
+    with_plain = args.plain_max_n is None or n <= args.plain_max_n
+    if with_plain:
+        plain = lambda: plain_activeft(e, k, iters=args.plain_iters, seed=seed, device=device)  # noqa: E731
+        runs = {"plain": measured("plain", plain), **runs}
+    seconds, first = _common.interleaved(runs, repeats=1)
+    picks = dict(first)
     row: dict[str, Any] = {
-        "n": n, "d": d, "k": k, "clusters": args.clusters or k,
-        "plain_s": seconds["plain"][0], "ours_s": seconds["ours"][0],
+        "n": n, "d": d, "k": k, "clusters": args.clusters or k, "seed": seed,
+        "plain_s": seconds["plain"][0] if with_plain else None, "ours_s": seconds["ours"][0],
     }
     if not args.skip_exact:
-        row["exact_s"], picks["exact"] = _common.timed(lambda: vecaf.select(e, k, **ours_options, refresh=1, tol=0.0))
+        exact = measured("exact", lambda: vecaf.select(e, k, **ours_options, refresh=1, tol=0.0))
+        row["exact_s"], picks["exact"] = _common.timed(exact)
     for name, chosen in picks.items():
         check_picks(np.asarray(chosen), n, k, name)
-    row["ratio_ours_over_plain"] = row["ours_s"] / row["plain_s"]
-    row["goal_ratio_met"] = row["ratio_ours_over_plain"] <= GOAL_RATIO
+    row["ratio_ours_over_plain"] = row["ours_s"] / row["plain_s"] if with_plain else None
+    row["goal_ratio_met"] = row["ratio_ours_over_plain"] <= GOAL_RATIO if with_plain else None
+    x = torch.as_tensor(e, device=device)
     for name, chosen in picks.items():
-        row[f"objective_{name}"] = float(ods_objective(e, e[chosen], losses=losses, temperature=TEMPERATURE))
-        row[f"coverage_{name}"] = coverage(e, chosen)
-        row[f"attraction_{name}"] = attraction(e, chosen, losses)
+        chosen_t = torch.as_tensor(np.asarray(chosen), device=device)
+        row[f"objective_{name}"] = float(ods_objective(x, x[chosen_t], losses=losses, temperature=TEMPERATURE))
+        row[f"coverage_{name}"] = coverage(x, chosen)
+        row[f"attraction_{name}"] = attraction(x, chosen, losses)
     if "exact" in picks:
         row["objective_rel_diff_ours_vs_exact"] = abs(row["objective_ours"] - row["objective_exact"]) / abs(
             row["objective_exact"]
@@ -199,9 +321,53 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str) -> d
         ]
         row["goal_objective_met"] = row["objective_rel_diff_ours_vs_exact"] <= GOAL_OBJECTIVE_REL
         row["overlap_ours_exact"] = np.intersect1d(picks["ours"], picks["exact"]).shape[0] / k
-    row["picks"] = {name: np.asarray(chosen).tolist() for name, chosen in picks.items()}
+    step = similarity_step_rate(ods_normalized(x), k, device, seed=seed)
+    row["similarity_step_s"] = step["seconds"]
+    row["similarity_step_tflops"] = step["tflops"]
+    row["embedding_mib"] = n * d * 4 / (1024.0 * 1024.0)
+    row["memory_goal_mib"] = 2 * row["embedding_mib"] + BLOCK_BUDGET_MIB
+    row["gpu_peak_mib"] = gpu_peaks
+    row["picks"] = {name: np.asarray(chosen).tolist() for name, chosen in picks.items()} if args.keep_picks else None
     row["peak_rss_mib_so_far"] = peak_rss_mib()
+    del x
     return row
+
+
+def ods_normalized(x):
+    """Unit rows of the device copy (what ``vecaf.select`` optimises against)."""
+    from vecaf.selection import ods
+
+    return ods.normalize_rows(x)
+
+
+def warm_up(device: str) -> None:
+    """One untimed tiny run of (a) and (b): CUDA context, cuBLAS handles and lazy imports out of the timings."""
+    import vecaf
+
+    e, losses = synthetic_pool(512, 32, 8, spread=1.0, seed=0)
+    plain_activeft(e, 8, iters=3, seed=0, device=device)
+    vecaf.select(e, 8, method="vecaf", losses=losses, seed=0, device=device, max_iters=3)
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size over its seeds: mean and sample s.d. of the ratio, the objectives, |F_b - F_c| / |F_c| and the
+    overlap, and how far the exact objective itself moves from seed to seed (s.d. / |mean|)."""
+    out = []
+    sizes = sorted({(r["n"], r["d"], r["k"]) for r in rows}, key=lambda s: [r["n"] for r in rows].index(s[0]))
+    for n, d, k in sizes:
+        group = [r for r in rows if (r["n"], r["d"], r["k"]) == (n, d, k)]
+        entry: dict[str, Any] = {"n": n, "d": d, "k": k, "seeds": [r["seed"] for r in group]}
+        for key in ("ratio_ours_over_plain", "objective_ours", "objective_exact", "objective_rel_diff_ours_vs_exact",
+                    "objective_abs_diff_over_attraction_exact", "overlap_ours_exact", "coverage_ours", "coverage_exact"):
+            values = [r[key] for r in group if r.get(key) is not None]
+            if values:
+                arr = np.asarray(values, dtype=np.float64)
+                entry[key] = {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
+        exact = entry.get("objective_exact")
+        if exact and len(group) > 1:
+            entry["exact_objective_seed_sd_over_abs_mean"] = exact["sd"] / abs(exact["mean"])
+        out.append(entry)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,9 +378,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_float32_matmul_precision(args.matmul_precision)
     machine = _common.machine_info()
+    machine["matmul_tflops_measured"] = {
+        "float32": matmul_rate_tflops(device, "float32"),
+        "bfloat16": matmul_rate_tflops(device, "bfloat16"),
+    }
     started = _common.utc_now()
-    rows = [run_size(n, d, k, args, device) for n, d, k in args.sizes]
+    if device.startswith("cuda"):
+        warm_up(device)
+    rows = [run_size(n, d, k, args, device, seed) for n, d, k in args.sizes for seed in args.seeds]
     machine["load_average_at_end"] = _common.load_average()
     return {
         "benchmark": "selection-speed",
@@ -222,15 +395,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "finished": _common.utc_now(),
         "machine": machine,
         "device": device,
-        "seed": args.seed,
+        "seeds": args.seeds,
+        "ours_options": args.ours_options,
         "quick": bool(args.quick),
         "spread": args.spread,
         "plain_iters": args.plain_iters,
+        "plain_max_n": args.plain_max_n,
+        "matmul_precision": args.matmul_precision,
         "temperature": TEMPERATURE,
         "goal_ratio": GOAL_RATIO,
         "goal_objective_rel": GOAL_OBJECTIVE_REL,
         "peak_rss_mib": peak_rss_mib(),
         "sizes": rows,
+        "per_size": seed_summary(rows),
         "method": (
             "one process; plain and ours timed back to back (interleaved, one round), exact after; "
             "objective = Eq. 7 (losses, lambda 1, tau 0.07) at the picked samples; "

@@ -1,10 +1,10 @@
-"""Speed benchmarks of the data path: both scripts run end to end on tiny sizes, their helpers by hand.
+"""Speed benchmarks of the data path and the engine: the scripts run end to end on tiny sizes, helpers by hand.
 
-``benchmarks/extract_speed.py`` and ``benchmarks/feast_speed.py`` run with ``--quick`` in subprocesses
-(started together, to share the wait) writing to a temp folder; the tests check that every figure the
+``benchmarks/extract_speed.py``, ``benchmarks/feast_speed.py`` and ``benchmarks/engine_speed.py`` run with
+``--quick`` in subprocesses (started together, to share the wait) writing to a temp folder; the tests check that every figure the
 issue asks for is in the JSON as a finite number and that the derived figures agree with the raw ones
-(rates r = N / t, ratios recomputed from the per-round seconds). No timing is asserted. The two runs
-take ~25 s on two idle cores (mostly importing torch, timm and Feast), hence the ``slow`` mark.
+(rates r = N / t, ratios recomputed from the per-round seconds). No timing is asserted. The three runs
+take ~40 s on two idle cores (mostly importing torch, timm and Feast), hence the ``slow`` mark.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def reports(tmp_path_factory):
     runs = {
         "extract": [sys.executable, str(BENCH / "extract_speed.py"), "--quick", "--out", str(out / "extract.json")],
         "feast": [sys.executable, str(BENCH / "feast_speed.py"), "--quick", "--out", str(out / "feast.json")],
+        "engine": [sys.executable, str(BENCH / "engine_speed.py"), "--quick", "--out", str(out / "engine.json")],
     }
     procs = {
         name: subprocess.Popen(cmd, cwd=out, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,6 +100,26 @@ def test_extract_embeddings_match_the_plain_loop(reports):
 
 
 @pytest.mark.slow
+def test_engine_report_rates_follow_from_its_seconds(reports):
+    report = reports["engine"]
+    settings = report["settings"]
+    assert report["device"] == "cpu" and [r["precision"] for r in report["rows"]] == ["float32"]
+    images = settings["batches"] * settings["batch_size"]
+    for row in report["rows"]:
+        engine = row["engine"]
+        assert row["plain_images_per_s"] == pytest.approx(images / row["plain_s"])
+        assert engine["train_images_per_s"] == pytest.approx(images / engine["seconds"]["train"])
+        assert engine["overall_images_per_s"] == pytest.approx(images / engine["seconds"]["total"])
+        assert row["ratio_engine_train_over_plain"] == pytest.approx(
+            engine["train_images_per_s"] / row["plain_images_per_s"]
+        )
+        assert 0.0 <= engine["top1"] <= 1.0 and engine["amp"] is False
+        for phase in ("pass", "select", "train", "eval", "total"):
+            assert _is_number(engine["seconds"][phase]) and engine["seconds"][phase] >= 0
+    assert report["compiled"] is None
+
+
+@pytest.mark.slow
 def test_feast_report_has_every_figure_as_a_number(reports):
     report = reports["feast"]
     for key in FEAST_NUMBERS:
@@ -128,6 +149,8 @@ def test_feast_ratio_is_store_time_over_compute_time(reports):
         ("extract_speed.py", ["--batch-size", "x"], "positive integer"),
         ("extract_speed.py", ["--device", "tpu"], "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("feast_speed.py", ["--repeats", "-1"], "positive integer"),
+        ("engine_speed.py", ["--batches", "10"], "multiple of the 3 loops"),
+        ("engine_speed.py", ["--image-size", "0"], "positive integer"),
         ("feast_speed.py", ["--source", "s3"], "invalid choice"),
         ("feast_speed.py", ["--images-per-s", "100"], "only applies to --source random"),
     ],

@@ -89,7 +89,7 @@ def test_quick_run_picks_are_valid_and_derived_figures_agree(report):
 def test_quick_run_coverage_and_objective_match_an_independent_computation(report):
     module = _load_script()
     row = report["sizes"][0]
-    e, losses = module.synthetic_pool(row["n"], row["d"], row["clusters"], spread=report["spread"], seed=report["seed"])
+    e, losses = module.synthetic_pool(row["n"], row["d"], row["clusters"], spread=report["spread"], seed=row["seed"])
     picks = np.asarray(row["picks"]["ours"])
     x = e.astype(np.float64)
     sim = x @ x[picks].T
@@ -141,3 +141,25 @@ def test_size_list_parses_and_rejects_bad_sizes():
     for bad in ("20000x384", "ax2x3", "10x2x0", "5x2x6", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             module.size_list(bad)
+
+
+def test_synthetic_pool_in_row_blocks_is_the_same_draw():
+    module = _load_script()
+    whole, losses = module.synthetic_pool(70, 6, 4, spread=0.7, seed=9, rows=1000)
+    blocks, losses_b = module.synthetic_pool(70, 6, 4, spread=0.7, seed=9, rows=16)
+    assert np.array_equal(whole, blocks) and np.array_equal(losses, losses_b)
+
+
+def test_seed_summary_gives_mean_and_sample_sd_per_size():
+    module = _load_script()
+    rows = [
+        {"n": 10, "d": 2, "k": 3, "seed": 0, "ratio_ours_over_plain": 0.2, "objective_exact": -1.0},
+        {"n": 10, "d": 2, "k": 3, "seed": 1, "ratio_ours_over_plain": 0.4, "objective_exact": -3.0},
+        {"n": 20, "d": 2, "k": 3, "seed": 0, "ratio_ours_over_plain": None, "objective_exact": 5.0},
+    ]
+    first, second = module.seed_summary(rows)
+    assert (first["n"], first["seeds"]) == (10, [0, 1]) and (second["n"], second["seeds"]) == (20, [0])
+    assert first["ratio_ours_over_plain"]["mean"] == pytest.approx(0.3)
+    assert first["ratio_ours_over_plain"]["sd"] == pytest.approx(0.1414213562)  # sqrt(((0.1)^2 * 2) / 1)
+    assert first["exact_objective_seed_sd_over_abs_mean"] == pytest.approx(1.4142135624 / 2.0)
+    assert "ratio_ours_over_plain" not in second and second["objective_exact"] == {"mean": 5.0, "sd": 0.0}
