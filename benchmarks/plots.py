@@ -14,6 +14,7 @@ COLORS = {
     "coreset": "#17becf",
     "activeft": "#1f77b4",
     "vecaf-ods": "#ff7f0e",
+    "vecaf-ods-eq3": "#bcbd22",
     "vecaf": "#d62728",
     "full": "#2ca02c",
 }

@@ -2,7 +2,8 @@
 
 The embedded default PVM (EfficientNet-Lite0, ImageNet weights) is finetuned on Fashion-MNIST in L = 3 loops
 under one fixed batch budget shared by every method; each loop selects a ratio r of the pool (1 %, 2 %, 5 %).
-Methods: random, topk_loss, coreset, activeft, VeCAF without CEA (ODS only), VeCAF (ODS + CEA with the
+Methods: random, topk_loss, coreset, activeft, VeCAF without CEA (ODS only; ``vecaf-ods`` with the default
+tempered weights p ~ L^0.5, ``vecaf-ods-eq3`` with Eq. 3's p = L / sum L), VeCAF (ODS + CEA with the
 default captioner and text encoder) and full-data finetuning (random batches from the whole pool). Several
 seeds per cell; the table gives mean +- standard error of the final test top-1, and B2A (batches to reach a
 target top-1) at two targets.
@@ -12,7 +13,7 @@ target top-1) at two targets.
     python benchmarks/quality.py --mode head --quick    # smoke run
     python benchmarks/quality.py --mode head --ablation --lam-bw 0.999 0.998 0.995 0.99   # Tables 5 and 6
 
-Writes ``benchmarks/results/quality-<mode>.json`` (``-quick`` appended for --quick) and two plots beside it:
+Writes ``benchmarks/results/quality-<mode>.json`` (``-cumulative`` and ``-quick`` appended for those options) and two plots beside it:
 accuracy vs batches (Fig. 4) and B2A per method (Fig. 5); prints the summary JSON.
 
 Protocol choices (none tuned on the test split): the pool is a seeded stratified subset of the training
@@ -58,13 +59,15 @@ DATASET = "fashion-mnist"
 PVM_NAME = "efficientnet_lite0"
 CAPTIONER = "imagenet-labels"
 TEXT_ENCODER = "all-MiniLM-L6-v2"
-TABLE1_METHODS = ["random", "topk_loss", "coreset", "activeft", "vecaf-ods", "vecaf", "full"]
+TABLE1_METHODS = ["random", "topk_loss", "coreset", "activeft", "vecaf-ods-eq3", "vecaf-ods", "vecaf", "full"]
 METHOD_SPECS: dict[str, dict[str, Any]] = {
     "random": {"method": "random"},
     "topk_loss": {"method": "topk_loss"},
     "coreset": {"method": "coreset"},
     "activeft": {"method": "activeft"},
     "vecaf-ods": {"method": "vecaf"},
+    # Eq. 3 as written (p = L / sum L) instead of the default tempered p ~ L^0.5 (docs/fidelity.md)
+    "vecaf-ods-eq3": {"method": "vecaf", "selection_options": {"loss_power": 1.0}},
     "vecaf": {"method": "vecaf", "text": True},
     "full": {"method": "full"},
     # Table 5: ODS = the loss term of Eq. 7 (off: constant losses); CEA = captions in selection and Eq. 10.
@@ -97,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=TABLE1_METHODS, choices=sorted(METHOD_SPECS))
     p.add_argument("--seeds", type=int, help="seeds per cell (default: 5 head, 3 full)")
     p.add_argument("--loops", type=int, default=3)
+    p.add_argument("--cumulative", action="store_true",
+                   help="each loop trains on all picks so far (finetune(cumulative=True)); default: its own picks")
     p.add_argument("--pool", type=int, help="pool size (stratified subset of the training split)")
     p.add_argument("--test", type=int, help="test size (stratified subset of the test split)")
     p.add_argument("--image-size", type=int, help="input side in pixels")
@@ -208,6 +213,7 @@ def run_one(args, inputs, data, *, name: str, ratio: float, seed: int, lam_bw: f
     kw: dict[str, Any] = dict(
         mode=args.mode, ratio=ratio, loops=args.loops, batch_budget=s["batch_budget"], batch_size=s["batch_size"],
         lr=s["lr"], eval_every=s["eval_every"], seed=seed, device=args.device, eta=args.eta,
+        cumulative=args.cumulative,
         lam_bw=args.lam_bw_default if lam_bw is None else lam_bw, return_model=False, **spec,
     )
     if use_text:
@@ -387,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         target_rule = "fixed 0.5 / 0.7 (no full-data FT run)"
     summary = summarize(runs, targets)
     extra_summary = summarize(extra, targets) if extra else {}
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-cumulative" if args.cumulative else "") + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"quality-{args.mode}{suffix}.json"
     report = {
@@ -404,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "test_size": len(test),
             "ratios": args.ratios,
             "loops": args.loops,
+            "cumulative": args.cumulative,
             "methods": args.methods,
             "seeds": seeds,
             "eta": args.eta,
