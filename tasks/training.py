@@ -183,6 +183,8 @@ def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, callbacks
         eta=t.eta,
         lam_bw=t.lam_bw,
         exclude_previous=t.exclude_previous,
+        cumulative=t.cumulative,
+        selection_options={"loss_power": t.loss_power} if t.method == "vecaf" else None,
         eval_every=t.eval_every,
         seed=t.seed,
         device=spec.models.device,

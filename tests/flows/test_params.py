@@ -270,3 +270,12 @@ def test_json_ready_parameters_round_trip():
     params = PipelineParams(ood_prompt="  It's a snowy day!  ", training=TrainingParams(method="activeft"))
     again = PipelineParams(**json.loads(json.dumps(params.flow_parameters())))
     assert again == params and again.ood_prompt == "It's a snowy day!"
+
+
+def test_training_defaults_and_limits_of_cumulative_and_loss_power():
+    t = TrainingParams()
+    assert t.cumulative is False and t.loss_power == 0.5
+    assert TrainingParams(cumulative=True, loss_power=1.0).loss_power == 1.0
+    for bad in (0.0, -1.0, 11.0):
+        with pytest.raises(ValidationError, match="loss_power"):
+            TrainingParams(loss_power=bad)
