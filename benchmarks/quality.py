@@ -29,9 +29,8 @@ image size, so reruns skip extraction.
 Sizes. The selection cost of ODS grows as r N^2 (K = r N centroids against N samples, E = 5 members, up to
 300 Adam steps), which bounds the pool on a CPU: head mode uses a 2,000-image pool and the full 10,000-image
 test split (5 seeds); full mode a 1,000-image pool, a 500-image test set and B = 30 batches of 32 (3 seeds),
-sized for about 35 minutes on an idle 2-core machine (57 runs; one VeCAF run measured 34 s with 2 threads on a
-lightly loaded machine; a shared, oversubscribed machine is several times slower, so the JSON records the
-measured time and the load average).
+which ran in 18 minutes on the 2-core machine (66 runs of 11-26 s, 2026-11-29; a shared, oversubscribed
+machine is several times slower, so the JSON records the measured time and the load average).
 """
 
 from __future__ import annotations
