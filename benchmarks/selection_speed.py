@@ -16,12 +16,13 @@ losses L_i ~ Gamma(2, 1). At each size (N, D, K) three selections run in one pro
     the quality reference for (b).
 
 Reported: wall seconds of each and the ratio t_b / t_a (goal <= 0.5); the Eq. 7 objective F of the picks
-of (b) and (c) (``vecaf.selection.ods_objective`` with the picked samples as centroids, the losses L,
-lambda = 1, tau = 0.07), the signed gap (F_b - F_c) / |F_c| (F is minimised, so a negative gap means (b)
+of (b) and (c) (``vecaf.selection.ods_objective`` with the picked samples as centroids, lambda = 1,
+tau = 0.07, and the weights both selections optimise, p ~ L^beta with beta = vecaf's ``loss_power``, 0.5
+unless ``--ours-options`` sets it), the signed gap (F_b - F_c) / |F_c| (F is minimised, so a negative gap means (b)
 reached a better objective than the exact run; goal: gap <= 1 %, i.e. (b) is never more than 1 % worse) and
 |F_b - F_c| / |F_c|; since F is a difference of two terms of
 similar size, |F_b - F_c| is also given relative to the attraction term A = 1/N sum_i w_i max_s cos / tau
-of (c) (w_i = L_i / mean(L)); with several ``--seeds``, each figure's mean and s.d. per size, how many seeds
+of (c) (w_i = L_i^beta / mean(L^beta)); with several ``--seeds``, each figure's mean and s.d. per size, how many seeds
 met the objective goal, and the seed-to-seed s.d. of the exact objective itself; the coverage of each selection,
 mean_i min_{s in S} (1 - cos(e_i, e_s)); the overlap |S_b ∩ S_c| / K; the process's peak RSS and, on CUDA,
 each selection's peak GPU memory, beside the memory goal 2 x (N x D float32) + the 256 MiB block budget; the
@@ -179,7 +180,8 @@ def coverage(e: Any, picks: np.ndarray, *, block: int = 8192, device: str | None
 def attraction(
     e: Any, picks: np.ndarray, losses: np.ndarray, *, block: int = 8192, device: str | None = None
 ) -> float:
-    """Eq. 7's attraction at the picks: 1/N sum_i w_i max_{s in picks} cos(e_i, e_s) / tau, w_i = L_i / mean(L)."""
+    """Eq. 7's attraction at the picks: 1/N sum_i w_i max_{s in picks} cos(e_i, e_s) / tau, w_i = L_i / mean(L)
+    (pass L^beta as ``losses`` for tempered weights)."""
     import torch
 
     best = _best_similarity(e, picks, block, device)
@@ -309,11 +311,14 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed
     row["ratio_ours_over_plain"] = row["ours_s"] / row["plain_s"] if with_plain else None
     row["goal_ratio_met"] = row["ratio_ours_over_plain"] <= GOAL_RATIO if with_plain else None
     x = torch.as_tensor(e, device=device)
+    # F with the weights the selections optimise: p ~ L^beta, beta = vecaf's loss_power (default 0.5)
+    row["loss_power"] = float(ours_extra.get("loss_power", default_loss_power()))
+    weights = losses.astype(np.float64) ** row["loss_power"]
     for name, chosen in picks.items():
         chosen_t = torch.as_tensor(np.asarray(chosen), device=device)
-        row[f"objective_{name}"] = float(ods_objective(x, x[chosen_t], losses=losses, temperature=TEMPERATURE))
+        row[f"objective_{name}"] = float(ods_objective(x, x[chosen_t], losses=weights, temperature=TEMPERATURE))
         row[f"coverage_{name}"] = coverage(x, chosen)
-        row[f"attraction_{name}"] = attraction(x, chosen, losses)
+        row[f"attraction_{name}"] = attraction(x, chosen, weights)
     if "exact" in picks:
         row["objective_rel_diff_ours_vs_exact"] = abs(row["objective_ours"] - row["objective_exact"]) / abs(
             row["objective_exact"]
@@ -337,6 +342,15 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed
     row["peak_rss_mib_so_far"] = peak_rss_mib()
     del x
     return row
+
+
+def default_loss_power() -> float:
+    """beta of the ``vecaf`` strategy's loss weights p ~ L^beta when the caller passes none."""
+    import dataclasses
+
+    from vecaf.selection.methods import VeCAF
+
+    return float(next(f.default for f in dataclasses.fields(VeCAF) if f.name == "loss_power"))
 
 
 def ods_normalized(x):
@@ -419,7 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "per_size": seed_summary(rows),
         "method": (
             "one process; plain and ours timed back to back (interleaved, one round), exact after; "
-            "objective = Eq. 7 (losses, lambda 1, tau 0.07) at the picked samples; "
+            "objective = Eq. 7 (weights L^loss_power, lambda 1, tau 0.07) at the picked samples; "
             "coverage = mean cosine distance to the nearest pick; overlap = |ours ∩ exact| / K"
         ),
     }

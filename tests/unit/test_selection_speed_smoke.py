@@ -98,7 +98,9 @@ def test_quick_run_coverage_and_objective_match_an_independent_computation(repor
     sim = x @ x[picks].T
     assert row["coverage_ours"] == pytest.approx(float(np.mean(1.0 - sim.max(axis=1))), rel=1e-4)
     tau = report["temperature"]
-    w = losses / losses.mean()
+    assert row["loss_power"] == 0.5  # vecaf's default: the objective uses the weights the selections optimise
+    powered = losses.astype(np.float64) ** 0.5
+    w = powered / powered.mean()
     attraction = float(np.mean(w * sim.max(axis=1))) / tau
     assert row["attraction_ours"] == pytest.approx(attraction, rel=1e-4)
     c = x[picks] @ x[picks].T / tau
