@@ -400,13 +400,9 @@ def test_every_registered_method_is_covered_by_the_engine_test():
     assert set(list_methods()) <= tested, f"untested selection methods: {set(list_methods()) - tested}"
 
 
-def test_cea_in_the_engine_uses_projected_text_and_alpha_over_the_selected(data, monkeypatch):
-    """t = |e| P(caption) with P the ridge projection of vecaf.cea fitted on the pool; the step is
-    eta K softmax over the K picks of ||e/|e| - P(caption)||^2 (Eq. 8-9), both constant in the forward pass."""
-    from vecaf import cea
 
-    x, y = data["train_feats"]
-    text = np.random.default_rng(0).normal(size=(len(y), 12)).astype(np.float32)
+def _record_cea_constants(monkeypatch) -> list:
+    """Spy on the Eq. 10 mixer: every (t, step) pair the forward pass receives, in call order."""
     seen = []
     real_mixer = engine._cea_mixer
 
@@ -420,6 +416,16 @@ def test_cea_in_the_engine_uses_projected_text_and_alpha_over_the_selected(data,
         return mixer
 
     monkeypatch.setattr(engine, "_cea_mixer", recording_mixer)
+    return seen
+
+def test_cea_in_the_engine_uses_projected_text_and_alpha_over_the_selected(data, monkeypatch):
+    """t = |e| P(caption) with P the ridge projection of vecaf.cea fitted on the pool; the step is
+    eta K softmax over the K picks of ||e/|e| - P(caption)||^2 (Eq. 8-9), both constant in the forward pass."""
+    from vecaf import cea
+
+    x, y = data["train_feats"]
+    text = np.random.default_rng(0).normal(size=(len(y), 12)).astype(np.float32)
+    seen = _record_cea_constants(monkeypatch)
     result = finetune(
         None, (x, y), data["test_feats"], mode="head", method="random", budget=8, loops=1,
         batch_budget=1, batch_size=8, text_embeddings=text, eta=0.5, lam_bw=0.9,
@@ -693,19 +699,7 @@ def test_cumulative_with_cea_in_the_forward_pass_covers_the_whole_union(data, mo
     x, y = data["train_feats"]
     text = np.random.default_rng(3).normal(size=(len(y), 12)).astype(np.float32)
     drawn = _record_training_batches(monkeypatch)
-    seen = []
-    real_mixer = engine._cea_mixer
-
-    def recording_mixer(lam_bw):
-        real = real_mixer(lam_bw)
-
-        def mixer(e, t, step):
-            seen.append((t.clone(), step.clone()))
-            return real(e, t, step)
-
-        return mixer
-
-    monkeypatch.setattr(engine, "_cea_mixer", recording_mixer)
+    seen = _record_cea_constants(monkeypatch)
     result = finetune(
         None, (x, y), data["test_feats"], mode="head", method="vecaf", budget=4, loops=3, batch_budget=6,
         batch_size=8, lr=0.1, text_embeddings=text, eta=0.5, lam_bw=0.9, cumulative=True,
