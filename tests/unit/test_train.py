@@ -400,7 +400,6 @@ def test_every_registered_method_is_covered_by_the_engine_test():
     assert set(list_methods()) <= tested, f"untested selection methods: {set(list_methods()) - tested}"
 
 
-
 def _record_cea_constants(monkeypatch) -> list:
     """Spy on the Eq. 10 mixer: every (t, step) pair the forward pass receives, in call order."""
     seen = []
@@ -417,6 +416,7 @@ def _record_cea_constants(monkeypatch) -> list:
 
     monkeypatch.setattr(engine, "_cea_mixer", recording_mixer)
     return seen
+
 
 def test_cea_in_the_engine_uses_projected_text_and_alpha_over_the_selected(data, monkeypatch):
     """t = |e| P(caption) with P the ridge projection of vecaf.cea fitted on the pool; the step is
