@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
                    help="torch.set_float32_matmul_precision for every run (high = TF32 on CUDA)")
     p.add_argument("--no-picks", dest="keep_picks", action="store_false", help="leave the picks out of the JSON")
+    p.add_argument("--no-rate", dest="measure_rate", action="store_false",
+                   help="skip the timed similarity pass (two extra full passes: hours at ImageNet size on a CPU)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     p.add_argument("--out", default=str(_common.RESULTS_DIR / "selection-speed.json"))
     args = p.parse_args(argv)
@@ -332,14 +334,16 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed
         )
         row["goal_objective_met"] = row["objective_gap_ours_minus_exact_rel"] <= GOAL_OBJECTIVE_REL
         row["overlap_ours_exact"] = np.intersect1d(picks["ours"], picks["exact"]).shape[0] / k
-    step = similarity_step_rate(ods_normalized(x), k, device, seed=seed)
-    row["similarity_step_s"] = step["seconds"]
-    row["similarity_step_tflops"] = step["tflops"]
+    if args.measure_rate:
+        step = similarity_step_rate(ods_normalized(x), k, device, seed=seed)
+        row["similarity_step_s"] = step["seconds"]
+        row["similarity_step_tflops"] = step["tflops"]
     row["embedding_mib"] = n * d * 4 / (1024.0 * 1024.0)
     row["memory_goal_mib"] = 2 * row["embedding_mib"] + BLOCK_BUDGET_MIB
     row["gpu_peak_mib"] = gpu_peaks
     row["picks"] = {name: np.asarray(chosen).tolist() for name, chosen in picks.items()} if args.keep_picks else None
     row["peak_rss_mib_so_far"] = peak_rss_mib()
+    row["peak_rss_above_baseline_mib"] = row["peak_rss_mib_so_far"] - args.rss_baseline_mib
     del x
     return row
 
@@ -410,6 +414,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     started = _common.utc_now()
     warm_up(device)
+    args.rss_baseline_mib = peak_rss_mib()  # the process after imports and the warm-up, before any pool exists
     rows = [run_size(n, d, k, args, device, seed) for n, d, k in args.sizes for seed in args.seeds]
     machine["load_average_at_end"] = _common.load_average()
     return {
@@ -429,6 +434,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "goal_ratio": GOAL_RATIO,
         "goal_objective_rel": GOAL_OBJECTIVE_REL,
         "peak_rss_mib": peak_rss_mib(),
+        "rss_baseline_mib": args.rss_baseline_mib,
         "sizes": rows,
         "per_size": seed_summary(rows),
         "method": (
