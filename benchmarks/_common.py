@@ -130,6 +130,14 @@ def median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously), so a wall-clock timer is honest."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """(wall seconds, result) of one call of ``fn``."""
     start = time.perf_counter()

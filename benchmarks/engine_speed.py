@@ -108,11 +108,11 @@ def plain_loop(train, *, batches: int, batch_size: int, device: str, amp: bool) 
         opt.step()
 
     step()
-    _sync(device)
+    _common.sync(device)
     t0 = time.perf_counter()
     for _ in range(batches):
         step()
-    _sync(device)
+    _common.sync(device)
     return time.perf_counter() - t0
 
 
@@ -130,13 +130,6 @@ def engine_run(train, test, args, device: str, *, amp: bool, compile: bool) -> d
         "amp": amp, "compile": compile, "top1": result.top1, "seconds": t,
         "train_images_per_s": images / t["train"], "overall_images_per_s": images / t["total"],
     }
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -206,11 +206,11 @@ def matmul_rate_tflops(device: str, dtype_name: str, *, side: int | None = None,
     b = torch.randn(side, side, device=device).to(dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    _common.sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    _common.sync(device)
     return 2.0 * side**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
@@ -229,19 +229,12 @@ def similarity_step_rate(x, k: int, device: str, *, members: int = 5, seed: int 
     w = torch.ones(n, device=x.device)
     rows = ods.rows_per_block(members * k, ods.DEFAULT_BLOCK_BYTES)
     ods._refresh(x, w, theta, rows)
-    _sync(device)
+    _common.sync(device)
     t0 = time.perf_counter()
     ods._refresh(x, w, theta, rows)
-    _sync(device)
+    _common.sync(device)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "tflops": 2.0 * n * d * members * k / seconds / 1e12}
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _gpu_peak_mib(device: str) -> float | None:
@@ -288,7 +281,7 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed
         def call():
             _gpu_reset_peak(device)
             out = fn()
-            _sync(device)
+            _common.sync(device)
             gpu_peaks[name] = _gpu_peak_mib(device)
             return out
 
