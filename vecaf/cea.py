@@ -221,6 +221,7 @@ def pool_augment(
     *,
     eta: float,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    inverse_norms: torch.Tensor | None = None,
     block_bytes: int = 256 * _MIB,
 ) -> torch.Tensor:
     """Eq. 8-9 over all N pool rows with step eta * N (see the module docstring), in row blocks.
@@ -229,11 +230,14 @@ def pool_augment(
     text for the whole pool.
 
     Args:
-        image_unit: (N, D) unit image embeddings (the compute device's copy).
+        image_unit: (N, D) unit image embeddings (the compute device's copy), or raw rows with
+            ``inverse_norms``.
         text: (N, Dt) text embeddings.
         eta: the pool-normalised step.
         transform: maps a block of text rows to unit image-space rows (a ``TextProjection``, or
             normalisation for aligned spaces).
+        inverse_norms: (N,) 1 / ||e_i||: each raw row is scaled to unit norm as its block is read, so
+            the pool needs no normalised copy.
         block_bytes: rows are processed in blocks of about this many bytes.
 
     Returns:
@@ -248,13 +252,17 @@ def pool_augment(
         block = text[start : start + rows].to(device=image_unit.device, dtype=torch.float32)
         return transform(block).to(dtype=torch.float32)
 
+    def image(start: int) -> torch.Tensor:
+        block = image_unit[start : start + rows]
+        return block if inverse_norms is None else block * inverse_norms[start : start + rows, None]
+
     dist = torch.empty(n, dtype=torch.float64, device=image_unit.device)
     for start in range(0, n, rows):
-        dist[start : start + rows] = ((image_unit[start : start + rows] - projected(start)) ** 2).sum(dim=1)
+        dist[start : start + rows] = ((image(start) - projected(start)) ** 2).sum(dim=1)
     scaled_alpha = torch.exp(dist - torch.logsumexp(dist, dim=0) + math.log(n)).to(torch.float32)
-    out = torch.empty_like(image_unit)
+    out = torch.empty(image_unit.shape, dtype=torch.float32, device=image_unit.device)
     for start in range(0, n, rows):
-        e = image_unit[start : start + rows]
+        e = image(start)
         out[start : start + rows] = e - eta * scaled_alpha[start : start + rows, None] * (e - projected(start))
     return out
 

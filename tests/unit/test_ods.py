@@ -200,3 +200,34 @@ def test_loss_weights_follow_eq3():
 def test_rows_per_block_respects_budget():
     assert ods.rows_per_block(1000, 4000 * 10) == 10
     assert ods.rows_per_block(10**9, 16) == 1
+
+
+def test_pool_rows_reads_the_callers_float32_matrix_in_place():
+    """No normalised copy: a float32 pool on the device is used as it is; 1 / ||x_i|| by a plain loop."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 5, generator=g) * torch.rand(37, 1, generator=g).add(0.1) * 10
+    rows, inverse = ods.pool_rows(x, "cpu", block_bytes=4 * 5 * 8)
+    assert rows.data_ptr() == x.data_ptr()
+    expected = [1.0 / math.sqrt(sum(v * v for v in row)) for row in x.tolist()]
+    np.testing.assert_allclose(inverse.numpy(), expected, rtol=1e-6)
+    rows64, _ = ods.pool_rows(x.double(), "cpu")
+    assert rows64.dtype == torch.float32 and rows64.data_ptr() != x.data_ptr()
+    x[30] = 0.0
+    with pytest.raises(ValueError, match="row 30 is all zeros"):
+        ods.pool_rows(x, "cpu", block_bytes=4 * 5 * 8)
+
+
+def test_raw_rows_with_weights_over_their_norms_optimise_the_normalised_problem():
+    """Eq. 7 on raw rows x_i with w_i / ||x_i|| is Eq. 7 on x_i / ||x_i|| with w_i: same path, same objective."""
+    g = torch.Generator().manual_seed(4)
+    unit = ods.normalize_rows(torch.randn(300, 12, generator=g))
+    raw = unit * torch.rand(300, 1, generator=g).mul(20).add(0.5)
+    w = torch.rand(300, generator=g) + 0.5
+    w = w / w.mean()
+    picks = torch.randperm(300, generator=g)[:16].view(2, 8)
+    reference = ods.optimize_ods(unit, w, unit[picks], max_iters=60, tol=0.0)
+    _, inverse = ods.pool_rows(raw, "cpu")
+    result = ods.optimize_ods(raw, w * inverse, raw[picks], max_iters=60, tol=0.0)
+    torch.testing.assert_close(result.centroids, reference.centroids, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result.objective, reference.objective, rtol=1e-5)
+    assert ods.ods_objective(raw, result.centroids[1], losses=w) == pytest.approx(result.objective[1], rel=1e-5)

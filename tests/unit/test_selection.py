@@ -438,6 +438,20 @@ def test_vecaf_with_text_embeddings_projected_and_aligned():
     np.testing.assert_array_equal(unchanged, vecaf.select(x, 12, losses=np.ones(300), **FAST))
 
 
+def test_selection_reads_raw_rows_as_their_unit_vectors():
+    """Rescaling every row leaves every cosine, so every pick, unchanged (the pool is never copied to unit rows)."""
+    x, labels = _clusters(300, d=6, seed=5)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    scaled = unit * np.random.default_rng(1).uniform(0.2, 30.0, size=(300, 1))
+    losses = np.random.default_rng(2).gamma(2.0, 1.0, size=300)
+    text = np.eye(6)[labels % 6] + 0.1 * np.random.default_rng(3).standard_normal((300, 6))
+    cases = [("vecaf", {"losses": losses}), ("activeft", {}), ("vecaf", {"losses": losses, "text_embeddings": text})]
+    for method, options in cases:
+        a = vecaf.select(unit, 12, method=method, **options, **FAST)
+        b = vecaf.select(scaled, 12, method=method, **options, **FAST)
+        np.testing.assert_array_equal(a, b)
+
+
 def test_vecaf_options_reach_the_optimiser():
     x, _ = _clusters(200, d=6)
     base = vecaf.select(x, 10, losses=np.ones(200), **FAST)
@@ -489,7 +503,10 @@ def test_loss_weights_tempered_by_hand():
 
 
 def test_vecaf_uses_the_tempered_weights_for_initialisation_and_attraction(monkeypatch):
-    """The weights the strategy hands to the Gumbel initialisation and to the optimiser, observed by spies."""
+    """The weights the strategy hands to the Gumbel initialisation and to the optimiser, observed by spies.
+
+    The optimiser reads the raw rows, so its weights also carry 1 / ||x_i|| (each row enters as its unit vector).
+    """
     from vecaf.selection import methods, ods
 
     seen = {}
@@ -512,7 +529,7 @@ def test_vecaf_uses_the_tempered_weights_for_initialisation_and_attraction(monke
         seen.clear()
         vecaf.select(x, 2, method="vecaf", losses=losses, device="cpu", max_iters=5, **options)
         np.testing.assert_allclose(seen["init"], expected, rtol=1e-6)
-        np.testing.assert_allclose(seen["ods"], expected, rtol=1e-6)
+        np.testing.assert_allclose(seen["ods"], np.array(expected) / np.linalg.norm(x, axis=1), rtol=1e-6)
 
 
 def test_loss_power_one_gives_exactly_the_eq3_picks(monkeypatch):

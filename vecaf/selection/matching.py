@@ -24,7 +24,7 @@ def _nearest_available(
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each centroid, its m most similar available samples: (m, R) cosines and indices, best first."""
     r = theta.shape[0]
-    rows = rows_per_block(r, block_bytes)
+    rows = rows_per_block(r + x.shape[1], block_bytes)  # the similarity block and the normalised rows together
     best_val = torch.full((0, r), -float("inf"), device=x.device)
     best_idx = torch.zeros((0, r), dtype=torch.long, device=x.device)
     for start in range(0, x.shape[0], rows):
@@ -53,7 +53,7 @@ def match_centroids(
         centroids: (K, D) centroids.
         exclude: indices no centroid may take.
         candidates: nearest samples kept per centroid in one pass.
-        block_bytes: the size cap of one N-block x K similarity block.
+        block_bytes: the size cap of one N-block's similarities to the K centroids plus its normalised rows.
 
     Returns:
         (K,) int64 indices, unique, none in ``exclude``, in centroid order.

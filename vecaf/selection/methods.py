@@ -96,6 +96,7 @@ class _ParametricBase(SelectionMethod):
         check_block_bytes(self.block_bytes)
 
     def _optimize(self, x: torch.Tensor, w: torch.Tensor, init: np.ndarray) -> ods.ODSResult:
+        """Eq. 7 from the samples ``init``; ``w`` carries 1 / ||x_i|| for raw rows (``ods.pool_rows``)."""
         start = x[torch.as_tensor(init, device=x.device)]
         return ods.optimize_ods(
             x,
@@ -199,18 +200,25 @@ class VeCAF(_ParametricBase):
         seed: int,
     ) -> np.ndarray:
         device = resolve(self.device)
-        x = ods.normalized_copy(embeddings, device, block_bytes=self.block_bytes)
+        x, inverse_norms = ods.pool_rows(embeddings, device, block_bytes=self.block_bytes)
         n = x.shape[0]
-        x_model = x
-        if text_embeddings is not None:
-            transform = self._text_transform(text_embeddings, embeddings)
-            x_model = cea.pool_augment(
-                x, text_embeddings, eta=float(self.eta), transform=transform, block_bytes=self.block_bytes
-            )
-            x_model.div_(x_model.norm(dim=1, keepdim=True).clamp_min_(1e-12))
         w = ods.loss_weights(losses, n, device, power=float(self.loss_power))
         init = initial_indices(w.cpu().numpy(), allowed_mask(n, exclude), budget, int(self.ensemble), seed)
-        result = self._optimize(x_model, w, init)
+        if text_embeddings is None:
+            x_model, w_model = x, w * inverse_norms
+        else:
+            transform = self._text_transform(text_embeddings, embeddings)
+            x_model = cea.pool_augment(
+                x,
+                text_embeddings,
+                eta=float(self.eta),
+                transform=transform,
+                inverse_norms=inverse_norms,
+                block_bytes=self.block_bytes,
+            )
+            x_model.div_(x_model.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+            w_model = w
+        result = self._optimize(x_model, w_model, init)
         reference = int(np.argmin(result.objective))
         theta_star, _ = ensemble.debias(
             result.centroids, reference=reference, shrinkage=self.shrinkage, align=self.align
@@ -249,8 +257,8 @@ class ActiveFT(_ParametricBase):
         seed: int,
     ) -> np.ndarray:
         device = resolve(self.device)
-        x = ods.normalized_copy(embeddings, device, block_bytes=self.block_bytes)
-        w = torch.ones(x.shape[0], dtype=torch.float32, device=device)
+        x, inverse_norms = ods.pool_rows(embeddings, device, block_bytes=self.block_bytes)
+        w = inverse_norms  # uniform weights, each raw row entering as its unit vector
         init = initial_indices(np.ones(x.shape[0]), allowed_mask(x.shape[0], exclude), budget, 1, seed)
         result = self._optimize(x, w, init)
         return matching.match_centroids(x, result.centroids[0], exclude=exclude, block_bytes=self.block_bytes)

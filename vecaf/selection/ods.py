@@ -25,7 +25,10 @@ Between refreshes an iteration costs O(K^2 D) instead of O(N K D). The stale-ass
 tracked between refreshes is an upper bound on the exact one (each sample's best similarity can only
 be higher than its similarity to the stale centroid). The E ensemble members run as one batched
 computation: an (E*K, D) centroid matrix against each block of N rows, batched K x K products, one Adam.
-Every N x (E*K) or K x K similarity block is kept under ``block_bytes``.
+Every N-block x (E*K) similarity block (with the block's weighted rows) or K-block x K block is kept
+under ``block_bytes``, and the pool is read as the caller holds it: no normalised copy, since the
+argmax is scale-free and each row's 1 / ||x_i|| rides on its weight (``pool_rows``). Memory is the pool,
+the blocks and O(E K D) centroid state.
 """
 
 from __future__ import annotations
@@ -48,29 +51,40 @@ def rows_per_block(width: int, block_bytes: int, *, itemsize: int = 4) -> int:
     return max(1, int(block_bytes) // max(1, int(width) * itemsize))
 
 
+def refresh_rows(members: int, k: int, d: int, block_bytes: int) -> int:
+    """N-rows per assignment block: its (rows, E K) similarities and its (rows, D) weighted rows (the
+    scatter-add operand) together stay under ``block_bytes``."""
+    return rows_per_block(members * k + d, block_bytes)
+
+
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm (zero rows stay zero)."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def normalized_copy(
+def pool_rows(
     x: torch.Tensor, device: torch.device | str, *, block_bytes: int = DEFAULT_BLOCK_BYTES
-) -> torch.Tensor:
-    """A float32 copy of ``x`` on ``device`` with unit-norm rows, built block by block.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool as the optimiser reads it: float32 rows on ``device`` and their inverse norms 1 / ||x_i||.
+
+    No normalised copy of the pool is made: argmax_k <x_i, theta_k> is the same for x_i and x_i / ||x_i||,
+    and every other use of a row is p_i x_i / ||x_i||, so the weights carry the 1 / ||x_i|| instead
+    (``optimize_ods`` with w_i / ||x_i||). ``x`` itself is returned when it already is float32 on
+    ``device``; otherwise one float32 copy is made there.
 
     Raises:
         ValueError: when a row is all zeros (its cosine to anything is undefined).
     """
-    out = torch.empty(x.shape, dtype=torch.float32, device=device)
-    step = rows_per_block(x.shape[1], block_bytes)
-    for start in range(0, x.shape[0], step):
-        block = x[start : start + step].to(device=device, dtype=torch.float32)
-        norms = block.norm(dim=1, keepdim=True)
+    rows = x.to(device=device, dtype=torch.float32)
+    inverse = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    step = rows_per_block(rows.shape[1], block_bytes)
+    for start in range(0, rows.shape[0], step):
+        norms = rows[start : start + step].norm(dim=1)
         if not bool((norms > 0).all()):
-            row = start + int((norms[:, 0] <= 0).nonzero()[0, 0])
+            row = start + int((norms <= 0).nonzero()[0, 0])
             raise ValueError(f"embeddings row {row} is all zeros: its cosine similarity (Eq. 4, 7) is undefined")
-        out[start : start + step] = block / norms
-    return out
+        inverse[start : start + step] = norms.reciprocal_()
+    return rows, inverse
 
 
 def _check_power(power: object) -> float:
@@ -122,7 +136,7 @@ def _refresh(
     """Exact nearest-centroid assignment of every sample, for every member.
 
     Args:
-        x: (N, D) unit-norm embeddings.
+        x: (N, D) embeddings (unit rows, or raw rows with w carrying 1 / ||x_i||, see ``pool_rows``).
         w: (N,) loss weights.
         theta: (E, K, D) unit-norm centroids.
         rows: N-rows per similarity block.
@@ -132,7 +146,7 @@ def _refresh(
     Returns:
         assign: (N, E) index of the nearest centroid of each sample in each member.
         sums: (E, K, D) S_k = sum_{i: c_i = k} w_i e_i.
-        attraction: (E,) float64 sum_i w_i max_k <e_i, theta_k>.
+        attraction: (E,) float64 sum_i w_i max_k <x_i, theta_k>.
         moved: how many of the N*E assignments differ from ``previous`` (N*E without one).
     """
     members, k, d = theta.shape
@@ -231,8 +245,8 @@ def ods_value_and_grad(
     """Exact Eq. 7 and its hand-written gradient w.r.t. the free centroid vectors.
 
     Args:
-        x: (N, D) unit-norm embeddings.
-        w: (N,) loss weights w_i = L_i / mean(L).
+        x: (N, D) embeddings: unit rows, or raw rows with ``w`` divided by ||x_i|| (``pool_rows``).
+        w: (N,) loss weights w_i = L_i / mean(L) (over ||x_i|| for raw rows).
         params: (E, K, D) free centroid vectors P; theta = P / ||P||.
         lam: diversity weight lambda.
         temperature: tau.
@@ -243,7 +257,7 @@ def ods_value_and_grad(
     """
     norms = params.norm(dim=-1, keepdim=True)
     theta = params / norms
-    rows = rows_per_block(theta.shape[0] * theta.shape[1], block_bytes)
+    rows = refresh_rows(theta.shape[0], theta.shape[1], theta.shape[2], block_bytes)
     _, sums, _, _ = _refresh(x, w, theta, rows)
     value, grad_theta = _objective_and_theta_grad(theta, sums, x.shape[0], lam, temperature, block_bytes)
     return value, _through_normalisation(grad_theta, theta, norms)
@@ -261,7 +275,7 @@ def ods_objective(
     """Eq. 7 evaluated exactly (nearest-centroid assignment recomputed) for one or several centroid sets.
 
     Args:
-        embeddings: (N, D) embeddings (normalised here).
+        embeddings: (N, D) embeddings (each row enters as its unit vector; no normalised copy is made).
         centroids: (K, D) or (E, K, D) centroids (normalised here).
         losses: (N,) non-negative losses; None means uniform (ActiveFT's objective).
         lam: diversity weight lambda.
@@ -271,13 +285,14 @@ def ods_objective(
     Returns:
         F(theta) as a float for (K, D) centroids, or an (E,) array.
     """
-    x = normalize_rows(torch.as_tensor(embeddings, dtype=torch.float32))
+    x = torch.as_tensor(embeddings, dtype=torch.float32)
     theta = normalize_rows(torch.as_tensor(centroids, dtype=torch.float32))
     single = theta.ndim == 2
     if single:
         theta = theta[None]
     w = loss_weights(None if losses is None else torch.as_tensor(losses), x.shape[0], x.device)
-    rows = rows_per_block(theta.shape[0] * theta.shape[1], block_bytes)
+    w *= x.norm(dim=1).clamp_min_(1e-12).reciprocal_()  # the raw rows enter as unit rows (``pool_rows``)
+    rows = refresh_rows(theta.shape[0], theta.shape[1], theta.shape[2], block_bytes)
     _, _, attraction, _ = _refresh(x, w, theta, rows)
     div_value, _ = _diversity(theta, temperature, block_bytes)
     value = (-attraction / (x.shape[0] * temperature) + (lam / theta.shape[1]) * div_value).cpu().numpy()
@@ -323,9 +338,10 @@ def optimize_ods(
     """Minimise Eq. 7 for E independently initialised members at once (Adam on the free centroids).
 
     Args:
-        x: (N, D) unit-norm embeddings on the compute device.
-        w: (N,) loss weights w_i = L_i / mean(L).
-        init: (E, K, D) initial centroids (ActiveFT-style: pool samples).
+        x: (N, D) embeddings on the compute device: unit rows, or the raw rows with ``w`` divided by
+            ||x_i|| (``pool_rows``; the same objective without a normalised copy of the pool).
+        w: (N,) loss weights w_i = L_i / mean(L) (over ||x_i|| for raw rows).
+        init: (E, K, D) initial centroids (ActiveFT-style: pool samples), normalised here.
         lam: diversity weight lambda.
         temperature: tau, dividing every cosine in both terms.
         lr: Adam learning rate.
@@ -343,8 +359,8 @@ def optimize_ods(
     """
     members, k, _ = init.shape
     n = x.shape[0]
-    rows = rows_per_block(members * k, block_bytes)
-    params = init.detach().to(device=x.device, dtype=torch.float32).clone()
+    rows = refresh_rows(members, k, init.shape[2], block_bytes)
+    params = normalize_rows(init.detach().to(device=x.device, dtype=torch.float32))
     exp_avg = torch.zeros_like(params)
     exp_avg_sq = torch.zeros_like(params)
     beta1, beta2 = betas
