@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic_pool(
-    n: int, d: int, clusters: int, *, spread: float, seed: int, rows: int = 65536
+    n: int, d: int, clusters: int, *, spread: float, seed: int, rows: int = 8192
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded clustered unit embeddings (N, D) float32 and losses (N,) ~ Gamma(2, 1) float32.
 
@@ -255,8 +255,40 @@ def _gpu_reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _status_mib(field: str) -> float | None:
+    """A memory line of /proc/self/status (Linux) in MiB, or None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def rss_mib() -> float:
+    """Resident set size of this process now, in MiB (the peak where the current value is unavailable)."""
+    current = _status_mib("VmRSS")
+    return current if current is not None else peak_rss_mib()
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS high-water mark at the current RSS (Linux ``clear_refs`` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in MiB since the last ``reset_peak_rss`` (VmHWM; ``ru_maxrss``,
+    KiB on Linux and bytes on macOS, where /proc is missing)."""
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
@@ -278,13 +310,16 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed
     ours_options = {"method": "vecaf", "losses": losses, "seed": seed, "device": device}
     ours_extra = dict(args.ours_options)
     gpu_peaks: dict[str, float | None] = {}
+    rss_peaks: dict[str, float] = {}
 
     def measured(name: str, fn):
         def call():
             _gpu_reset_peak(device)
+            reset_peak_rss()
             out = fn()
             _common.sync(device)
             gpu_peaks[name] = _gpu_peak_mib(device)
+            rss_peaks[name] = peak_rss_mib() - args.rss_baseline_mib  # the pool is resident: it counts
             return out
 
         return call
@@ -295,7 +330,6 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed
         plain = lambda: plain_activeft(e, k, iters=args.plain_iters, seed=seed, device=device)  # noqa: E731
         runs = {"plain": measured("plain", plain), **runs}
     seconds, first = _common.interleaved(runs, repeats=1)
-    peak_rss_selection = peak_rss_mib()  # before the evaluation below adds its own scratch
     picks = dict(first)
     row: dict[str, Any] = {
         "n": n, "d": d, "k": k, "clusters": args.clusters or k, "seed": seed,
@@ -338,11 +372,9 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed
     row["memory_goal_mib"] = 2 * row["embedding_mib"] + BLOCK_BUDGET_MIB
     row["gpu_peak_mib"] = gpu_peaks
     row["picks"] = {name: np.asarray(chosen).tolist() for name, chosen in picks.items()} if args.keep_picks else None
-    row["peak_rss_mib_so_far"] = peak_rss_mib()
-    row["peak_rss_above_baseline_mib"] = row["peak_rss_mib_so_far"] - args.rss_baseline_mib
-    # the pool itself (the caller's matrix) plus what the selections added; the goal counts both
-    row["peak_rss_selection_above_baseline_mib"] = peak_rss_selection - args.rss_baseline_mib
-    peak = gpu_peaks.get("ours") if device.startswith("cuda") else row["peak_rss_selection_above_baseline_mib"]
+    # each run's peak RSS above the process before any pool existed: the caller's pool plus what the run added
+    row["rss_peak_above_baseline_mib"] = rss_peaks
+    peak = gpu_peaks.get("ours") if device.startswith("cuda") else rss_peaks["ours"]
     row["memory_goal_met"] = peak <= row["memory_goal_mib"]
     del x
     return row
@@ -414,7 +446,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     started = _common.utc_now()
     warm_up(device)
-    args.rss_baseline_mib = peak_rss_mib()  # the process after imports and the warm-up, before any pool exists
+    args.rss_baseline_mib = rss_mib()  # the process after imports and the warm-up, before any pool exists
+    peak_resettable = reset_peak_rss()
     rows = [run_size(n, d, k, args, device, seed) for n, d, k in args.sizes for seed in args.seeds]
     machine["load_average_at_end"] = _common.load_average()
     return {
@@ -433,8 +466,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "temperature": TEMPERATURE,
         "goal_ratio": GOAL_RATIO,
         "goal_objective_rel": GOAL_OBJECTIVE_REL,
-        "peak_rss_mib": peak_rss_mib(),
         "rss_baseline_mib": args.rss_baseline_mib,
+        "rss_peak_per_run": peak_resettable,
         "sizes": rows,
         "per_size": seed_summary(rows),
         "method": (

@@ -26,7 +26,7 @@ NUMBERS = [
     "n", "d", "k", "clusters", "plain_s", "ours_s", "exact_s", "ratio_ours_over_plain", "objective_plain",
     "objective_ours", "objective_exact", "objective_rel_diff_ours_vs_exact", "coverage_plain", "coverage_ours",
     "coverage_exact", "attraction_plain", "attraction_ours", "attraction_exact", "objective_abs_diff_ours_vs_exact",
-    "objective_abs_diff_over_attraction_exact", "overlap_ours_exact", "peak_rss_mib_so_far",
+    "objective_abs_diff_over_attraction_exact", "overlap_ours_exact", "embedding_mib", "memory_goal_mib",
 ]
 
 
@@ -60,7 +60,12 @@ def test_quick_run_reports_every_figure_as_a_finite_number(report):
     row = report["sizes"][0]
     for key in NUMBERS:
         assert _is_number(row[key]), (key, row.get(key))
-    assert _is_number(report["peak_rss_mib"]) and report["peak_rss_mib"] > 0
+    assert _is_number(report["rss_baseline_mib"]) and report["rss_baseline_mib"] > 0
+    # each run's own RSS peak holds at least the pool it reads (2000 x 64 float32)
+    assert set(row["rss_peak_above_baseline_mib"]) == {"plain", "ours", "exact"}
+    for peak in row["rss_peak_above_baseline_mib"].values():
+        assert _is_number(peak) and peak >= row["embedding_mib"] * (1 - 1e-6) - 1.0
+    assert isinstance(row["memory_goal_met"], bool)
     assert isinstance(row["goal_ratio_met"], bool) and isinstance(row["goal_objective_met"], bool)
     assert report["machine"]["torch_threads"] >= 1
 
