@@ -35,6 +35,7 @@ def _nearest_available(
         idx = torch.cat([best_idx, idx + start])
         keep_val, keep = val.topk(min(m, val.shape[0]), dim=0)
         best_val, best_idx = keep_val, idx.gather(0, keep)
+        del sims  # else the next block's similarities are built while this one is still alive
     return best_val.cpu().numpy(), best_idx.cpu().numpy()
 
 
