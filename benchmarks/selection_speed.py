@@ -218,7 +218,8 @@ def matmul_rate_tflops(device: str, dtype_name: str, *, side: int | None = None,
 
 def similarity_step_rate(x, k: int, device: str, *, members: int = 5, seed: int = 0) -> dict[str, float]:
     """Time one exact assignment pass of ``vecaf``'s optimiser (all E*K centroids against the N pool rows, in
-    blocks: similarity, max, loss-weighted scatter-add) and its achieved TFLOP/s, counting 2 N D E K flops."""
+    blocks: similarity, max, loss-weighted scatter-add) over the pool as ``vecaf.select`` reads it (``ods.pool_rows``:
+    the rows in place, 1 / ||x_i|| on the weights), and its achieved TFLOP/s, counting 2 N D E K flops."""
     import time
 
     import torch
@@ -226,9 +227,9 @@ def similarity_step_rate(x, k: int, device: str, *, members: int = 5, seed: int 
     from vecaf.selection import ods
 
     generator = torch.Generator().manual_seed(seed)
+    x, w = ods.pool_rows(x, device)
     n, d = x.shape
     theta = ods.normalize_rows(torch.randn(members, k, d, generator=generator)).to(x.device)
-    w = torch.ones(n, device=x.device)
     rows = ods.refresh_rows(members, k, d, ods.DEFAULT_BLOCK_BYTES)
     ods._refresh(x, w, theta, rows)
     _common.sync(device)
@@ -365,7 +366,7 @@ def run_size(n: int, d: int, k: int, args: argparse.Namespace, device: str, seed
         row["goal_objective_met"] = row["objective_gap_ours_minus_exact_rel"] <= GOAL_OBJECTIVE_REL
         row["overlap_ours_exact"] = np.intersect1d(picks["ours"], picks["exact"]).shape[0] / k
     if args.measure_rate:
-        step = similarity_step_rate(ods_normalized(x), k, device, seed=seed)
+        step = similarity_step_rate(x, k, device, seed=seed)
         row["similarity_step_s"] = step["seconds"]
         row["similarity_step_tflops"] = step["tflops"]
     row["embedding_mib"] = n * d * 4 / (1024.0 * 1024.0)
@@ -387,13 +388,6 @@ def default_loss_power() -> float:
     from vecaf.selection.methods import VeCAF
 
     return float(next(f.default for f in dataclasses.fields(VeCAF) if f.name == "loss_power"))
-
-
-def ods_normalized(x):
-    """Unit rows of the device copy (what ``vecaf.select`` optimises against)."""
-    from vecaf.selection import ods
-
-    return ods.normalize_rows(x)
 
 
 def warm_up(device: str) -> None:
