@@ -184,12 +184,14 @@ def test_a_store_folder_keeps_the_users_feature_store_yaml(tmp_path: Path, proje
 
 
 @pytest.mark.slow
-def test_offline_parquet_on_s3_lands_in_the_bucket(stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_offline_parquet_and_registry_on_s3_land_in_the_bucket(stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for key, value in stack.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)  # a local folder literally named "s3:" would appear here
-    prefix = f"feast-{uuid.uuid4().hex[:10]}/data"
-    settings = _settings(tmp_path, offline_path=f"s3://{stack.bucket}/{prefix}")
+    root = f"feast-{uuid.uuid4().hex[:10]}"
+    prefix = f"{root}/data"
+    settings = _settings(tmp_path, offline_path=f"s3://{stack.bucket}/{prefix}",
+                         registry=f"s3://{stack.bucket}/{root}/registry.pb")
     spec = tf.store_spec(settings)
     assert spec["offline_path"] == f"s3://{stack.bucket}/{prefix}"
 
@@ -224,6 +226,9 @@ def test_offline_parquet_on_s3_lands_in_the_bucket(stack, tmp_path: Path, monkey
     np.testing.assert_array_equal(np.asarray(out["image_embeddings__embedding"][0], np.float32), emb[7])
     assert out["captions__caption"] == [None]  # ids[7] has no caption
     assert not list(tmp_path.rglob("s3:"))
+    registry = client.head_object(Bucket=stack.bucket, Key=f"{root}/registry.pb")  # the file registry, in the bucket
+    assert registry["ContentLength"] > 0
+    assert not (tmp_path / "state" / "feast" / "registry.db").exists()
 
 
 # --------------------------------------------------------------------------------------------------
