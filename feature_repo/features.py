@@ -90,12 +90,14 @@ def view_path(data_dir: str | Path, view: str) -> str:
     return str(Path(data_dir) / view)
 
 
-def build_definitions(data_dir: str | Path) -> list:
+def build_definitions(data_dir: str | Path, *, s3_endpoint_override: str | None = None) -> list:
     """The entity and the four feature views, their FileSources under ``data_dir``.
 
     Args:
         data_dir: folder holding one sub-folder of Parquet files per view. Give an absolute path (or an
             S3 URI) so the registry stays valid whichever directory Feast is started from.
+        s3_endpoint_override: S3 endpoint stored with each source of an ``s3://`` ``data_dir`` (None: the
+            reader's environment decides, ``AWS_ENDPOINT_URL_S3`` with ``tasks.features``).
 
     Returns:
         ``[image, image_embeddings, captions, text_embeddings, sample_losses]``.
@@ -108,6 +110,7 @@ def build_definitions(data_dir: str | Path) -> list:
             path=view_path(data_dir, name),
             timestamp_field=EVENT_TIMESTAMP,
             created_timestamp_column=CREATED_TIMESTAMP,
+            s3_endpoint_override=s3_endpoint_override,
             description=f"Parquet files written by tasks.features for {name}",
         )
         objects.append(

@@ -3,12 +3,18 @@
 What is stored is what the method consumes: PVM embeddings e_i and labels (ODS, Eq. 7), captions and
 their text embeddings t_i (CEA, Eq. 8-9; OOD prompt suffix, Sec. 3.3), per-sample losses L_i (Eq. 7).
 
-Layout of a store folder (the pipeline uses ``<state_dir>/feast``, tests a tmp dir)::
+Where the store is comes from the settings (:func:`store_spec`: ``settings.feast``, a user's
+``feature_store.yaml`` used as is, or one rendered from the fields: online store SQLite or Redis, registry a
+file, an ``s3://`` file or SQL, offline Parquet in a folder or under ``s3://bucket/prefix``). Every function
+takes that spec (a JSON-able dict, so it travels to a worker on another machine), or a local store folder::
 
-    feature_store.yaml   rendered by :func:`render_feature_store_yaml` (project ``vecaf``, provider local)
+    feature_store.yaml   written once when missing (:func:`render_feature_store_yaml`), never rewritten
     registry.db          Feast file registry
     online.db            SQLite online store
     data/<view>/part-<UTC time>-<hash>.parquet   one file per write, never rewritten
+
+All Parquet I/O goes through pyarrow filesystems (local or ``pyarrow.fs.S3FileSystem``), so an ``s3://``
+offline path lands in the bucket.
 
 Writes go straight to Parquet with pyarrow (one ``list<float32>`` column for vectors), never row by row
 through Feast. A view's value for an image is its latest row: largest ``event_timestamp``, then largest
@@ -30,16 +36,19 @@ import json
 import os
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -79,37 +88,64 @@ _SCHEMAS = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Store set-up: feature_store.yaml, FeatureStore, apply
+# Store set-up: the store description ("spec"), feature_store.yaml, FeatureStore, apply
+
+ONLINE_STORE_TYPES = ("redis", "sqlite")
+OFFLINE_STORE_TYPES = ("dask", "file")
+REGISTRY_TYPES = ("file", "sql")
+_SQL_SCHEMES = ("postgresql", "mysql", "sqlite", "mssql", "oracle")
 
 
 def render_feature_store_yaml(
-    store_dir: str | os.PathLike, *, project: str = "vecaf", online_write_batch_size: int = 10_000
+    store_dir: str | os.PathLike,
+    *,
+    project: str = "vecaf",
+    online_write_batch_size: int = 10_000,
+    online_store: str = "sqlite",
+    redis_url: str | None = None,
+    registry: str | None = None,
 ) -> str:
-    """The ``feature_store.yaml`` of a local store in ``store_dir`` (absolute paths).
+    """The ``feature_store.yaml`` of a store whose local files live in ``store_dir`` (absolute paths).
 
     Args:
-        store_dir: folder of the store; registry ``registry.db``, online store ``online.db`` go there.
+        store_dir: folder of the store's local files (file registry ``registry.db``, SQLite ``online.db``).
         project: Feast project name.
-        online_write_batch_size: rows per SQLite write batch during materialization (bounds memory).
+        online_write_batch_size: rows per online write batch during materialization (bounds memory).
+        online_store: ``"sqlite"`` (``<store_dir>/online.db``) or ``"redis"`` (needs ``redis_url``).
+        redis_url: ``redis://[:password@]host:port[/db]``, ``rediss://...`` (TLS), or Feast's own
+            ``host:port,db=0,...`` connection string.
+        registry: None (``<store_dir>/registry.db``), a file path, an ``s3://`` URI (file registry in a
+            bucket), or a SQLAlchemy URL (SQL registry; ``postgresql://`` uses the psycopg 3 driver).
 
     Returns:
-        The YAML text: provider local, file registry, SQLite online store, ``file`` offline store.
+        The YAML text: provider local, the registry, the online store, the ``file`` offline store.
+
+    Raises:
+        ValueError: a bad project name, batch size, store type, Redis URL or registry location.
     """
     if not project or not project.replace("_", "").isalnum():
         raise ValueError(f"project must be a non-empty alphanumeric/underscore name, got {project!r}")
     if online_write_batch_size <= 0:
         raise ValueError(f"online_write_batch_size must be positive, got {online_write_batch_size}")
     root = Path(store_dir).resolve()
+    registry_type, registry_path = _registry_location(registry, root)
+    if online_store == "sqlite":
+        online = f"  type: sqlite\n  path: {json.dumps(str(root / 'online.db'))}\n"
+    elif online_store == "redis":
+        online = f"  type: redis\n  connection_string: {json.dumps(_redis_connection_string(redis_url))}\n"
+    else:
+        raise ValueError(f"feast.online_store must be one of {list(ONLINE_STORE_TYPES)}, got {online_store!r}")
+    if online_store != "redis" and redis_url:
+        raise ValueError(f"feast.redis_url is set but feast.online_store is {online_store!r}; set it to 'redis'")
     return (
         f"project: {project}\n"
         "provider: local\n"
         "registry:\n"
-        "  registry_type: file\n"
-        f"  path: {json.dumps(str(root / 'registry.db'))}\n"
+        f"  registry_type: {registry_type}\n"
+        f"  path: {json.dumps(registry_path)}\n"
         "  cache_ttl_seconds: 60\n"
         "online_store:\n"
-        "  type: sqlite\n"
-        f"  path: {json.dumps(str(root / 'online.db'))}\n"
+        f"{online}"
         "offline_store:\n"
         "  type: file\n"
         "entity_key_serialization_version: 3\n"
@@ -118,30 +154,122 @@ def render_feature_store_yaml(
     )
 
 
-def open_store(store_dir: str | os.PathLike, *, project: str = "vecaf") -> FeatureStore:
-    """Write ``feature_store.yaml`` into ``store_dir`` (created if needed) and open the Feast store there."""
+def store_spec(
+    settings: Any,
+    *,
+    s3_endpoint_url: str | None = None,
+    s3_region: str | None = None,
+    s3_addressing_style: str | None = None,
+) -> dict[str, Any]:
+    """The store description that tasks receive (JSON-able, so it travels to a worker on another machine).
+
+    Built from ``settings.feast`` (see ``vecaf.settings.FeastSettings``) and ``settings.stack.feast_path``
+    (the default folder of the store's local files). Nothing is written and nothing is contacted here.
+
+    Args:
+        settings: the ``vecaf.settings.Settings``.
+        s3_endpoint_url: S3 endpoint of an ``s3://`` offline path (None: ``AWS_ENDPOINT_URL_S3`` /
+            ``AWS_ENDPOINT_URL`` where the store is opened, else AWS). Keys always come from the standard
+            AWS chain (``AWS_ACCESS_KEY_ID``, ..., instance roles) where the store is opened.
+        s3_region: its region (None: ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` there).
+        s3_addressing_style: ``"path"`` or ``"virtual"`` (None: path style with an endpoint URL).
+
+    Returns:
+        ``{"feature_store_yaml": text, "repo_dir": folder for relative paths in it, "offline_path":
+        folder or s3:// URI of the Parquet views, "s3": {"endpoint_url", "region", "addressing_style"}}``.
+
+    Raises:
+        ValueError: the settings name an unknown store type, a bad location, or mix ``repo_config`` with
+            the fields it replaces.
+        FileNotFoundError: ``feast.repo_config`` names no file.
+    """
+    feast = settings.feast
+    base = _absolute(settings.stack.feast_path)
+    if feast.repo_config is not None:
+        mixed = {name: getattr(feast, name) for name in ("redis_url", "registry") if getattr(feast, name)}
+        if feast.online_store != "sqlite":
+            mixed["online_store"] = feast.online_store
+        if mixed:
+            raise ValueError(
+                f"feast.repo_config ({feast.repo_config}) is used as is; remove feast.{', feast.'.join(mixed)} "
+                "or put them into that file"
+            )
+        path = _absolute(feast.repo_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"feast.repo_config {path} does not exist")
+        text, repo_dir, source = path.read_text(), path.parent, f"feast.repo_config {path}"
+    else:
+        text = render_feature_store_yaml(
+            base, project=feast.project, online_store=feast.online_store, redis_url=feast.redis_url,
+            registry=feast.registry,
+        )
+        repo_dir, source = base, "settings.feast"
+    _check_config(_parse_config(text, source), source)
+    if s3_addressing_style not in (None, "path", "virtual"):
+        raise ValueError(f"s3_addressing_style must be 'path' or 'virtual', got {s3_addressing_style!r}")
+    return {
+        "feature_store_yaml": text,
+        "repo_dir": str(repo_dir),
+        "offline_path": _offline_location(feast.offline_path, base / "data"),
+        "s3": {"endpoint_url": s3_endpoint_url, "region": s3_region, "addressing_style": s3_addressing_style},
+    }
+
+
+def open_store(store: dict | str | os.PathLike, *, project: str = "vecaf") -> FeatureStore:
+    """Open the Feast store of a spec (:func:`store_spec`) or of a local store folder.
+
+    A spec's ``feature_store.yaml`` is used as is (``${VAR}`` expanded from the environment, as Feast's
+    CLI does) and written nowhere. A folder's ``feature_store.yaml`` is rendered (SQLite, ``project``) only
+    when the folder has none; an existing one, a user's or an earlier render, is used as is, never rewritten.
+    Local parents of a file registry or SQLite file are created; a Redis online store must answer a ping.
+
+    Raises:
+        ValueError: the config names a store type this pipeline does not support (listed in the message).
+        ConnectionError: the Redis online store or the SQL registry does not answer (named, with its URL).
+    """
     from feast import FeatureStore
+    from feast.repo_config import RepoConfig
 
-    root = Path(store_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "feature_store.yaml").write_text(render_feature_store_yaml(root, project=project))
-    return FeatureStore(repo_path=str(root))
+    spec = _as_spec(store, project=project, for_feast=True)
+    source = f"feature_store.yaml of {spec['repo_dir']}"
+    raw = _parse_config(os.path.expandvars(spec["feature_store_yaml"]), source)
+    _check_config(raw, source)
+    repo_dir = Path(spec["repo_dir"])
+    config = RepoConfig(**raw, repo_path=repo_dir)
+    _check_redis(config)
+    _make_local_parents(config, repo_dir)
+    if str(spec["offline_path"]).startswith("s3://"):
+        _use_pyarrow_for_fsspec_s3(spec.get("s3") or {})
+    try:
+        fs = FeatureStore(repo_path=str(repo_dir), config=config)
+        fs.registry  # noqa: B018 - opening the registry here makes an unreachable SQL database fail now
+    except Exception as exc:  # noqa: BLE001 - re-raised with the registry named
+        if config.registry.registry_type == "sql" and _is_connection_error(exc):
+            raise ConnectionError(
+                f"Feast SQL registry at {_hide_password(config.registry.path)} is unreachable: {exc}"
+            ) from exc
+        raise
+    fs.vecaf_offline_path = spec["offline_path"]  # where apply_definitions points the views
+    fs.vecaf_s3 = dict(spec.get("s3") or {})
+    return fs
 
 
-def apply_definitions(store: FeatureStore | str | os.PathLike) -> list[str]:
+def apply_definitions(store: FeatureStore | dict | str | os.PathLike) -> list[str]:
     """``feast apply``, programmatically: register the entity and views of ``feature_repo/features.py``.
 
-    The views' FileSources point at ``<store_dir>/data/<view>`` (absolute), created here when missing.
+    The views' FileSources point at ``<offline path>/<view>`` (absolute path or ``s3://`` URI); local
+    folders are created here when missing.
 
     Returns:
         The names of the feature views applied.
     """
     fs = _as_store(store)
     defs = _definitions()
-    data_dir = Path(fs.repo_path).resolve() / "data"
-    objects = defs.build_definitions(data_dir)
-    for view in defs.VIEW_FEATURES:
-        Path(defs.view_path(data_dir, view)).mkdir(parents=True, exist_ok=True)
+    offline = _offline_of_store(fs)
+    objects = defs.build_definitions(offline.uri, s3_endpoint_override=offline.s3.get("endpoint_url"))
+    if offline.is_local:
+        for view in defs.VIEW_FEATURES:
+            Path(defs.view_path(offline.uri, view)).mkdir(parents=True, exist_ok=True)
     fs.apply(objects)
     return [obj.name for obj in objects[1:]]
 
@@ -178,7 +306,7 @@ def content_key(image_bytes_hash: str, model_name: str, prompt: str = "") -> str
 
 
 def cached_ids(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     view: str,
     ids: Sequence[str] | np.ndarray,
     content_hashes: Sequence[str],
@@ -194,7 +322,7 @@ def cached_ids(
     image embeddings (what the writers use).
 
     Args:
-        store_dir: the store folder.
+        store: the store: a spec (:func:`store_spec`), a local store folder or an ``s3://`` store root.
         view: ``"image_embeddings"``, ``"captions"`` or ``"text_embeddings"``.
         ids: image ids, shape (N,).
         content_hashes: one content hash per id, shape (N,).
@@ -208,10 +336,11 @@ def cached_ids(
         raise ValueError(f"cached_ids works on {sorted(CACHED_VIEWS)}, got view {view!r}")
     id_list = _as_ids(ids)
     keys = [content_key(h, model_name, prompt) for h in _as_strings(content_hashes, len(id_list), "content_hashes")]
-    folder = _view_dir(store_dir, view)
-    if not _parquet_files(folder):
+    fs, folder, _ = _offline(store).view(view)
+    files = _parquet_files(fs, folder)
+    if not files:
         return np.zeros(len(id_list), dtype=bool)
-    dataset = pads.dataset(str(folder), format="parquet")
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
     stored = dataset.to_table(
         columns=[JOIN_KEY, CONTENT_KEY],
         filter=pc.field(JOIN_KEY).isin(pa.array(id_list, pa.string())) & pc.field(CONTENT_KEY).isin(pa.array(keys)),
@@ -225,7 +354,7 @@ def cached_ids(
 
 
 def write_image_embeddings(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     ids: Sequence[str] | np.ndarray,
     embeddings: np.ndarray,
     *,
@@ -238,7 +367,7 @@ def write_image_embeddings(
     """Append PVM embeddings e_i (Eq. 7) with labels to the ``image_embeddings`` Parquet, in one file.
 
     Args:
-        store_dir: the store folder.
+        store: the store: a spec (:func:`store_spec`), a local store folder or an ``s3://`` store root.
         ids: image ids, shape (N,), unique, non-empty strings (integers are stored as their decimal string).
         embeddings: float32 array, shape (N, D), finite.
         labels: integer class indices, shape (N,).
@@ -267,11 +396,11 @@ def write_image_embeddings(
         "pvm": _repeat(pvm, n, pa.string()),
         CONTENT_KEY: pa.array(keys, pa.string()),
     }
-    return _write(store_dir, "image_embeddings", columns, when, created, n)
+    return _write(store, "image_embeddings", columns, when, created, n)
 
 
 def write_captions(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     ids: Sequence[str] | np.ndarray,
     captions: Sequence[str],
     *,
@@ -283,7 +412,7 @@ def write_captions(
     """Append one caption per image to the ``captions`` Parquet.
 
     Args:
-        store_dir: the store folder.
+        store: the store: a spec (:func:`store_spec`), a local store folder or an ``s3://`` store root.
         ids: image ids, shape (N,).
         captions: non-empty strings, shape (N,).
         captioner: name of the captioning model.
@@ -308,11 +437,11 @@ def write_captions(
         "prompt_suffix": _repeat(prompt_suffix, n, pa.string()),
         CONTENT_KEY: pa.array(keys, pa.string()),
     }
-    return _write(store_dir, "captions", columns, when, created, n)
+    return _write(store, "captions", columns, when, created, n)
 
 
 def write_text_embeddings(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     ids: Sequence[str] | np.ndarray,
     embeddings: np.ndarray,
     *,
@@ -324,7 +453,7 @@ def write_text_embeddings(
     """Append text embeddings t_i of the captions (CEA, Eq. 8-9) to the ``text_embeddings`` Parquet.
 
     Args:
-        store_dir: the store folder.
+        store: the store: a spec (:func:`store_spec`), a local store folder or an ``s3://`` store root.
         ids: image ids, shape (N,).
         embeddings: float32 array, shape (N, D_text), finite.
         encoder: name of the text encoder.
@@ -349,11 +478,11 @@ def write_text_embeddings(
         "prompt_suffix": _repeat(prompt_suffix, n, pa.string()),
         CONTENT_KEY: pa.array(keys, pa.string()),
     }
-    return _write(store_dir, "text_embeddings", columns, when, created, n)
+    return _write(store, "text_embeddings", columns, when, created, n)
 
 
 def write_sample_losses(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     ids: Sequence[str] | np.ndarray,
     losses: np.ndarray,
     *,
@@ -366,7 +495,7 @@ def write_sample_losses(
     Every (image_id, model_version, loop) stays in the Parquet; the online store shows the latest one.
 
     Args:
-        store_dir: the store folder.
+        store: the store: a spec (:func:`store_spec`), a local store folder or an ``s3://`` store root.
         ids: image ids, shape (N,).
         losses: finite floating-point losses, shape (N,), stored as float32.
         model_version: model version (e.g. an MLflow model version or run id).
@@ -395,7 +524,7 @@ def write_sample_losses(
         "model_version": _repeat(model_version, n, pa.string()),
         "loop": _repeat(loop_index, n, pa.int64()),
     }
-    return _write(store_dir, "sample_losses", columns, when, created, n)
+    return _write(store, "sample_losses", columns, when, created, n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,7 +532,7 @@ def write_sample_losses(
 
 
 def read_embeddings(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     *,
     pvm: str,
     split: str | None,
@@ -412,7 +541,7 @@ def read_embeddings(
     """Bulk read of the latest image embedding per image for one PVM (and split), straight from Parquet.
 
     Args:
-        store_dir: the store folder.
+        store: the store: a spec (:func:`store_spec`), a local store folder or an ``s3://`` store root.
         pvm: PVM name the embeddings must come from.
         split: split to keep; None keeps every split.
         ids: images wanted, in this order; None returns every stored image, sorted by id.
@@ -427,13 +556,13 @@ def read_embeddings(
     _check_names(pvm=pvm)
     if split is not None:
         _check_names(split=split)
-    table, rows = _read_latest(store_dir, "image_embeddings", ["embedding", "label"], {"pvm": pvm, "split": split}, ids)
+    table, rows = _read_latest(store, "image_embeddings", ["embedding", "label"], {"pvm": pvm, "split": split}, ids)
     labels = table["label"].take(rows).to_numpy().astype(np.int64)
     return _ids_out(table, rows), _matrix_out(table["embedding"], rows), labels
 
 
 def read_text_embeddings(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     *,
     encoder: str,
     prompt_suffix: str | None = None,
@@ -449,13 +578,13 @@ def read_text_embeddings(
     if prompt_suffix is not None:
         _check_suffix(prompt_suffix)
     table, rows = _read_latest(
-        store_dir, "text_embeddings", ["embedding"], {"encoder": encoder, "prompt_suffix": prompt_suffix}, ids
+        store, "text_embeddings", ["embedding"], {"encoder": encoder, "prompt_suffix": prompt_suffix}, ids
     )
     return _ids_out(table, rows), _matrix_out(table["embedding"], rows)
 
 
 def read_captions(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     *,
     captioner: str | None = None,
     prompt_suffix: str | None = None,
@@ -471,13 +600,13 @@ def read_captions(
     if prompt_suffix is not None:
         _check_suffix(prompt_suffix)
     table, rows = _read_latest(
-        store_dir, "captions", ["caption"], {"captioner": captioner, "prompt_suffix": prompt_suffix}, ids
+        store, "captions", ["caption"], {"captioner": captioner, "prompt_suffix": prompt_suffix}, ids
     )
     return _ids_out(table, rows), table["caption"].take(rows).to_pylist()
 
 
 def read_losses(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     *,
     model_version: str,
     loop: int | None = None,
@@ -490,7 +619,7 @@ def read_losses(
     """
     _check_names(model_version=model_version)
     where: dict[str, Any] = {"model_version": model_version, "loop": None if loop is None else _as_loop(loop)}
-    table, rows = _read_latest(store_dir, "sample_losses", ["loss"], where, ids)
+    table, rows = _read_latest(store, "sample_losses", ["loss"], where, ids)
     return _ids_out(table, rows), table["loss"].take(rows).to_numpy().astype(np.float32)
 
 
@@ -526,7 +655,8 @@ def materialize_incremental(
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise ValueError(f"feature views {unknown} are not registered; run apply_definitions first")
-    todo = [n for n in names if _has_data(registered[n].batch_source.path)]
+    s3 = _offline_of_store(fs).s3
+    todo = [n for n in names if _has_data(registered[n].batch_source.path, s3)]
     first = [n for n in todo if registered[n].most_recent_end_time is None]
     later = [n for n in todo if registered[n].most_recent_end_time is not None]
     if first:
@@ -591,30 +721,310 @@ def _definitions() -> ModuleType:
     return _load_definitions(str(FEATURE_REPO_DIR / "features.py"))
 
 
-def _as_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
+def _as_store(store: FeatureStore | dict | str | os.PathLike) -> FeatureStore:
     from feast import FeatureStore
 
     if isinstance(store, FeatureStore):
         return store
-    if isinstance(store, (str, os.PathLike)):
+    if isinstance(store, (dict, str, os.PathLike)):
         return open_store(store)
-    raise ValueError(f"store must be a feast.FeatureStore or a folder path, got {type(store).__name__}")
+    raise ValueError(f"store must be a feast.FeatureStore, a store spec or a folder path, got {type(store).__name__}")
 
 
-def _view_dir(store_dir: str | os.PathLike, view: str) -> Path:
-    if view not in _SCHEMAS:
-        raise ValueError(f"unknown feature view {view!r}; known: {sorted(_SCHEMAS)}")
-    return Path(store_dir).resolve() / "data" / view
+@dataclass(frozen=True)
+class _Offline:
+    """Where a store's Parquet views live: ``uri`` (absolute folder or ``s3://bucket/prefix``) and S3 options."""
+
+    uri: str
+    s3: dict
+
+    @property
+    def is_local(self) -> bool:
+        return not self.uri.startswith("s3://")
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """The pyarrow filesystem and the path of ``uri`` inside it."""
+        return _filesystem(self.uri, self.s3)
+
+    def view(self, view: str) -> tuple[pafs.FileSystem, str, str]:
+        """Filesystem, path inside it and printable URI of ``view``'s Parquet folder."""
+        if view not in _SCHEMAS:
+            raise ValueError(f"unknown feature view {view!r}; known: {sorted(_SCHEMAS)}")
+        fs, root = self.filesystem()
+        return fs, f"{root.rstrip('/')}/{view}", f"{self.uri.rstrip('/')}/{view}"
 
 
-def _parquet_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
+def _filesystem(uri: str, s3: dict) -> tuple[pafs.FileSystem, str]:
+    if uri.startswith("s3://"):
+        return _s3_filesystem(s3.get("endpoint_url"), s3.get("region"), s3.get("addressing_style")), uri[5:]
+    return pafs.LocalFileSystem(), uri
 
 
-def _has_data(path: str) -> bool:
-    return "://" in path or bool(_parquet_files(Path(path)))
+def _s3_filesystem(
+    endpoint_url: str | None,
+    region: str | None,
+    addressing_style: str | None,
+    *,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    session_token: str | None = None,
+) -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem; unset options come from the standard AWS environment.
+
+    pyarrow does not read ``AWS_ENDPOINT_URL_S3`` itself, so the endpoint is resolved here. Checksums are
+    computed only when required (the SDKs' pre-2025 default, set only when the caller has not chosen):
+    S3-compatible servers such as ``rclone serve s3`` reject the newer chunked uploads with HTTP 411.
+    """
+    os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict[str, Any] = {}
+    if endpoint and endpoint != "aws":
+        kwargs["endpoint_override"] = endpoint
+    if region:
+        kwargs["region"] = region
+    if addressing_style == "virtual":
+        kwargs["force_virtual_addressing"] = True
+    if access_key and secret_key:
+        kwargs.update(access_key=access_key, secret_key=secret_key, session_token=session_token)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _use_pyarrow_for_fsspec_s3(s3: dict) -> None:
+    """Let Feast's dask reads of ``s3://`` Parquet (materialization) go through pyarrow's S3 filesystem.
+
+    Feast's file offline store reads sources with ``dask.dataframe.read_parquet``, which opens ``s3://``
+    through fsspec, i.e. the s3fs package; s3fs (through aiobotocore) pins an older botocore than the one
+    boto3 here needs. Unless s3fs is installed, fsspec's ``s3`` protocol is registered (for this process)
+    as fsspec's own wrapper of a pyarrow ``S3FileSystem``, which dask unwraps and reads with pyarrow.
+    """
+    if importlib.util.find_spec("s3fs") is not None:
+        return
+    import fsspec
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    defaults = dict(s3)
+
+    class PyarrowS3(ArrowFSWrapper):
+        """fsspec ``s3://`` over pyarrow (storage options of s3fs's form: key, secret, token, client_kwargs)."""
+
+        protocol = ("s3", "s3a")
+
+        def __init__(self, key=None, secret=None, token=None, client_kwargs=None, endpoint_url=None, **kwargs):
+            endpoint = (client_kwargs or {}).get("endpoint_url") or endpoint_url or defaults.get("endpoint_url")
+            fs = _s3_filesystem(
+                endpoint, defaults.get("region"), defaults.get("addressing_style"),
+                access_key=key, secret_key=secret, session_token=token,
+            )
+            super().__init__(fs, **kwargs)
+
+    fsspec.register_implementation("s3", PyarrowS3, clobber=True)
+    fsspec.register_implementation("s3a", PyarrowS3, clobber=True)
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (Path.cwd() / p).resolve()
+
+
+def _offline_location(value: str | None, default: Path) -> str:
+    if value is None:
+        return str(default)
+    text = str(value)
+    if text.startswith("s3://"):
+        if not text[5:].split("/", 1)[0]:
+            raise ValueError(f"feast.offline_path {text!r} names no bucket; use s3://bucket/prefix")
+        return text.rstrip("/")
+    if "://" in text:
+        raise ValueError(f"feast.offline_path must be a folder or s3://bucket/prefix, got {text!r}")
+    return str(_absolute(text))
+
+
+def _registry_location(registry: str | None, root: Path) -> tuple[str, str]:
+    if registry is None:
+        return "file", str(root / "registry.db")
+    text = str(registry)
+    if text.startswith("s3://"):
+        return "file", text
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme.split("+", 1)[0] in _SQL_SCHEMES:
+        if scheme == "postgresql":  # SQLAlchemy's default driver (psycopg2) is not installed; psycopg 3 is
+            text = "postgresql+psycopg://" + text.split("://", 1)[1]
+        return "sql", text
+    if scheme:
+        raise ValueError(
+            f"feast.registry must be a file path, an s3:// URI or a SQLAlchemy URL "
+            f"({'/'.join(_SQL_SCHEMES)}[+driver]://...), got {text!r}"
+        )
+    return "file", str(_absolute(text))
+
+
+def _redis_connection_string(url: str | None) -> str:
+    """Feast's ``host:port,db=N,password=...,ssl=true`` from a ``redis://`` / ``rediss://`` URL."""
+    if not url:
+        raise ValueError("feast.online_store is 'redis' but feast.redis_url is not set (redis://host:6379/0)")
+    if "://" not in url:
+        return url
+    parsed = urlparse(url)
+    if parsed.scheme not in ("redis", "rediss"):
+        raise ValueError(f"feast.redis_url must start with redis:// or rediss://, got {parsed.scheme + '://'!r}")
+    if not parsed.hostname:
+        raise ValueError(f"feast.redis_url names no host: {url!r}")
+    db = parsed.path.strip("/") or "0"
+    if not db.isdigit():
+        raise ValueError(f"feast.redis_url database must be a number, got {db!r}")
+    parts = [f"{parsed.hostname}:{parsed.port or 6379}", f"db={db}"]
+    if parsed.username:
+        parts.append(f"username={parsed.username}")
+    if parsed.password:
+        parts.append(f"password={parsed.password}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    return ",".join(parts)
+
+
+def _parse_config(text: str, source: str) -> dict[str, Any]:
+    import yaml
+
+    raw = yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source} must hold a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _check_config(raw: dict[str, Any], source: str) -> None:
+    """Reject store types the pipeline cannot use, naming the field and the allowed values."""
+    online = raw.get("online_store", "sqlite")
+    offline = raw.get("offline_store", "dask")
+    registry = raw.get("registry", {})
+    found = {
+        "online_store.type": (online.get("type", "sqlite") if isinstance(online, dict) else online, ONLINE_STORE_TYPES),
+        "offline_store.type": (offline.get("type", "dask") if isinstance(offline, dict) else offline,
+                               OFFLINE_STORE_TYPES),
+        "registry.registry_type": (registry.get("registry_type", "file") if isinstance(registry, dict) else "file",
+                                   REGISTRY_TYPES),
+    }
+    for field, (value, allowed) in found.items():
+        if value not in allowed:
+            raise ValueError(
+                f"{source}: {field} {value!r} is not supported by this pipeline; use one of {list(allowed)} "
+                "(the pipeline writes Parquet itself, so the offline store must read Parquet files)"
+                if field.startswith("offline") else
+                f"{source}: {field} {value!r} is not supported by this pipeline; use one of {list(allowed)}"
+            )
+
+
+def _as_spec(store: Any, *, project: str = "vecaf", for_feast: bool) -> dict[str, Any]:
+    """A spec from a spec, a local store folder or an ``s3://`` store root (``for_feast``: Feast will be opened)."""
+    if isinstance(store, dict):
+        missing = [k for k in ("feature_store_yaml", "repo_dir", "offline_path") if k not in store]
+        if missing or not isinstance(store.get("offline_path"), str):
+            raise ValueError(f"store spec lacks {missing or ['offline_path']}; build it with tasks.features.store_spec")
+        return store
+    if not isinstance(store, (str, os.PathLike)):
+        raise ValueError(f"store must be a store spec (dict), a folder or a FeatureStore, got {type(store).__name__}")
+    text = os.fspath(store)
+    if text.startswith("s3://"):
+        if for_feast:
+            raise ValueError(
+                f"{text!r} holds only the offline Parquet; open the Feast store from tasks.features.store_spec(settings)"
+            )
+        return {"feature_store_yaml": "", "repo_dir": "", "offline_path": f"{text.rstrip('/')}/data", "s3": {}}
+    if "://" in text:
+        raise ValueError(f"store must be a local folder or s3://bucket/prefix, got {text!r}")
+    root = Path(text).resolve()
+    yaml_text = ""
+    if for_feast:
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / "feature_store.yaml"
+        if not path.exists():
+            path.write_text(render_feature_store_yaml(root, project=project))
+        yaml_text = path.read_text()
+    return {"feature_store_yaml": yaml_text, "repo_dir": str(root), "offline_path": str(root / "data"), "s3": {}}
+
+
+def _offline(store: Any) -> _Offline:
+    from feast import FeatureStore
+
+    if isinstance(store, FeatureStore):
+        return _offline_of_store(store)
+    spec = _as_spec(store, for_feast=False)
+    return _Offline(spec["offline_path"], dict(spec.get("s3") or {}))
+
+
+def _offline_of_store(fs: FeatureStore) -> _Offline:
+    uri = getattr(fs, "vecaf_offline_path", None) or str(Path(fs.repo_path).resolve() / "data")
+    return _Offline(uri, dict(getattr(fs, "vecaf_s3", None) or {}))
+
+
+def _make_local_parents(config: Any, repo_dir: Path) -> None:
+    """Create the folders of a local file registry and SQLite file (Feast creates neither parent)."""
+    paths = []
+    if config.registry.registry_type == "file" and "://" not in config.registry.path:
+        paths.append(config.registry.path)
+    if config.online_store.type == "sqlite":
+        paths.append(config.online_store.path)
+    for path in paths:
+        p = Path(path)
+        (p if p.is_absolute() else repo_dir / p).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _check_redis(config: Any) -> None:
+    """Ping a Redis online store (plain Redis; clusters and sentinels are left to Feast)."""
+    online = config.online_store
+    if online.type != "redis" or str(getattr(online.redis_type, "value", online.redis_type)) != "redis":
+        return
+    import redis
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    nodes, params = RedisOnlineStore._parse_connection_string(online.connection_string)
+    host, port = nodes[0]["host"], int(nodes[0].get("port", 6379))
+    db = int(params.get("db", 0))
+    url = f"{'rediss' if params.get('ssl') else 'redis'}://{host}:{port}/{db}"
+    client = redis.Redis(
+        host=host, port=port, db=db, username=params.get("username"), password=params.get("password"),
+        ssl=bool(params.get("ssl")), socket_connect_timeout=5, socket_timeout=5,
+    )
+    try:
+        client.ping()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise ConnectionError(
+            f"Feast online store: Redis at {url} does not answer ({exc}); check feast.redis_url "
+            "or online_store.connection_string"
+        ) from exc
+    finally:
+        client.close()
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    while exc is not None:
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for a message
+        return "<unparsable URL>"
+
+
+def _parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """The Parquet files of a view folder (none when it does not exist), hidden and temporary files left out."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    names = [i.path for i in infos if i.type == pafs.FileType.File]
+    return sorted(p for p in names if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
+
+
+def _has_data(uri: str, s3: dict) -> bool:
+    fs, path = _filesystem(uri, s3)
+    return bool(_parquet_files(fs, path))
 
 
 def _as_ids(ids: Any, *, unique: bool = True) -> list[str]:
@@ -729,35 +1139,45 @@ def _list_column(matrix: np.ndarray) -> pa.ChunkedArray:
 
 
 def _write(
-    store_dir: str | os.PathLike, view: str, columns: dict[str, Any], when: datetime, created: datetime, n: int
+    store: dict | str | os.PathLike, view: str, columns: dict[str, Any], when: datetime, created: datetime, n: int
 ) -> str:
+    """Write one Parquet file into ``view``'s folder and return its path (local) or ``s3://`` URI.
+
+    Locally the file is written under a hidden name and renamed (readers never see half a file); on S3 an
+    object appears whole when its upload completes, so it is written under its final key.
+    """
     columns = {**columns, EVENT_TIMESTAMP: _repeat(when, n, _TS), CREATED_TIMESTAMP: _repeat(created, n, _TS)}
     table = pa.table(columns, schema=_SCHEMAS[view])
-    folder = _view_dir(store_dir, view)
-    folder.mkdir(parents=True, exist_ok=True)
+    offline = _offline(store)
+    fs, folder, folder_uri = offline.view(view)
     name = f"part-{created.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = folder / f".{name}.tmp"
+    if not offline.is_local:
+        pq.write_table(table, f"{folder}/{name}", filesystem=fs, row_group_size=65_536)
+        return f"{folder_uri}/{name}"
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tmp = Path(folder) / f".{name}.tmp"
     try:
         pq.write_table(table, tmp, row_group_size=65_536)
-        os.replace(tmp, folder / name)
+        os.replace(tmp, Path(folder) / name)
     finally:
         tmp.unlink(missing_ok=True)
-    return str(folder / name)
+    return str(Path(folder) / name)
 
 
 def _read_latest(
-    store_dir: str | os.PathLike,
+    store: dict | str | os.PathLike,
     view: str,
     columns: list[str],
     where: dict[str, Any],
     ids: Sequence[str] | np.ndarray | None,
 ) -> tuple[pa.Table, pa.Array]:
     """The rows matching ``where`` and the indices of the latest row per id (``ids`` order, else sorted)."""
-    folder = _view_dir(store_dir, view)
+    fs, folder_path, folder = _offline(store).view(view)
     wanted = None if ids is None else _as_ids(ids)
     conditions = {k: v for k, v in where.items() if v is not None}
     described = ", ".join(f"{k}={v!r}" for k, v in conditions.items()) or "any provenance"
-    if not _parquet_files(folder):
+    files = _parquet_files(fs, folder_path)
+    if not files:
         raise ValueError(f"no {view} stored under {folder}")
     expr = None
     for column, value in conditions.items():
@@ -766,7 +1186,7 @@ def _read_latest(
     if wanted is not None:
         term = pc.field(JOIN_KEY).isin(pa.array(wanted, pa.string()))
         expr = term if expr is None else expr & term
-    dataset = pads.dataset(str(folder), format="parquet")
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
     table = dataset.to_table(columns=[JOIN_KEY, *columns, EVENT_TIMESTAMP, CREATED_TIMESTAMP], filter=expr)
     if table.num_rows == 0:
         raise ValueError(f"no {view} rows for {described} under {folder}")

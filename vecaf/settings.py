@@ -63,6 +63,33 @@ class StackSettings(BaseModel):
         return self.feast_dir if self.feast_dir is not None else self.state_dir / "feast"
 
 
+class FeastSettings(BaseModel):
+    """Where the Feast store lives (``tasks.features.store_spec`` turns this into what tasks receive).
+
+    Either a user's ``feature_store.yaml`` (``repo_config``, used as is and never rewritten) or the fields
+    below, rendered into one. Secrets stay out of these values: write them as ``${ENV_VAR}`` references
+    (e.g. ``redis://:${REDIS_PASSWORD}@redis:6379/0``); they are expanded where the store is opened.
+    """
+
+    repo_config: Path | None = Field(
+        None, description="A user's feature_store.yaml, used as is; then leave online_store/redis_url/registry unset."
+    )
+    project: str = Field("vecaf", description="Feast project name (also the Redis key suffix).")
+    online_store: str = Field(
+        "sqlite", pattern=r"^(sqlite|redis)$", description="'sqlite' (<feast_dir>/online.db) or 'redis' (redis_url)."
+    )
+    redis_url: str | None = Field(
+        None, description="redis://[:password@]host:port[/db] (rediss:// for TLS) or Feast's 'host:port,db=0'."
+    )
+    registry: str | None = Field(
+        None,
+        description="A file path, an s3:// URI, or a SQLAlchemy URL (postgresql://...); None: <feast_dir>/registry.db.",
+    )
+    offline_path: str | None = Field(
+        None, description="Folder or s3://bucket/prefix holding one Parquet folder per view; None: <feast_dir>/data."
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the VeCAF pipeline."""
 
@@ -71,6 +98,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     stack: StackSettings = StackSettings()
+    feast: FeastSettings = FeastSettings()
     seed: int = 0
     cache_dir: Path = Path(".vecaf/cache")
 
