@@ -5,6 +5,7 @@
     vecaf deploy                   register the flows' deployments (pipeline on a cron schedule, promote...)
     vecaf run                      trigger vecaf-pipeline through its deployment, with parameters
     vecaf promote                  trigger the promote flow through its deployment
+    vecaf gc                       retention: old runs and versions, failed runs' work files, logs, Parquet
     vecaf data fetch               obtain Fashion-MNIST when Debian's package is not installed
 """
 
@@ -359,6 +360,50 @@ def promote(
             mv = aliases[alias]
             detail = "none" if mv is None else f"version {mv['version']} ({mv['tags'].get('promotion.decision', '-')})"
             typer.echo(f"{model_name}@{alias}: {detail}")
+
+
+@app.command()
+def gc(
+    config: Optional[Path] = ConfigOption,
+    keep_runs: int = typer.Option(20, min=0, help="Top-level MLflow runs kept per experiment, newest first."),
+    keep_versions: int = typer.Option(5, min=0, help="Model versions kept per registered model, newest first."),
+    older_than_days: float = typer.Option(30.0, min=0.0, help="Only runs and versions older than this go."),
+    experiment: Optional[list[str]] = typer.Option(None, help="Experiment to prune (repeatable; default: all)."),
+    model: Optional[list[str]] = typer.Option(None, help="Registered model to prune (repeatable; default: all)."),
+    log_max_mb: float = typer.Option(10.0, min=0.0, help="Rotate a server log larger than this many MB."),
+    log_keep: int = typer.Option(3, min=1, help="Rotated copies kept per log (name.log.1 .. name.log.N)."),
+    skip_mlflow: bool = typer.Option(False, help="Leave MLflow and the work folders alone (logs and Parquet only)."),
+    apply: bool = typer.Option(False, "--apply", help="Delete, rotate and compact; without it, only list."),
+) -> None:
+    """Retention: list (or, with --apply, delete) old runs, unaliased model versions, failed runs' work files;
+    rotate large logs; compact Feast Parquet. A version holding an alias is never deleted."""
+    from flows.runtime import runtime
+    from tasks.retention import apply_gc, plan_gc
+    from tasks.tracking import EndpointUnreachableError
+    from vecaf.settings import load_settings
+
+    rt = runtime(load_settings(config))
+    tracking_uri = None if skip_mlflow else rt.tracking_uri
+    try:
+        plan = plan_gc(
+            tracking_uri=tracking_uri, state_dir=rt.state_dir, store_dir=rt.store_dir, keep_runs=keep_runs,
+            keep_versions=keep_versions, older_than_days=older_than_days, log_max_bytes=int(log_max_mb * 1e6),
+            experiments=experiment or None, models=model or None,
+        )  # fmt: skip
+    except (EndpointUnreachableError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from exc
+    except Exception as exc:  # noqa: BLE001 - an MLflow client error names the server; say so in one line
+        typer.echo(f"error: cannot plan against MLflow at {tracking_uri}: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for line in plan.lines():
+        typer.echo(line)
+    counts = ", ".join(f"{k} {v}" for k, v in plan.counts().items())
+    if not apply:
+        typer.echo(f"dry run: would handle {counts}; nothing changed (add --apply)")
+        return
+    done = apply_gc(plan, tracking_uri=tracking_uri, log_keep=log_keep)
+    typer.echo("applied: " + ", ".join(f"{k} {v}" for k, v in done.items()))
 
 
 @data_app.command("fetch")
