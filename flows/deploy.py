@@ -96,6 +96,8 @@ def deploy(
     from prefect import Flow
     from prefect.schedules import Cron
 
+    from flows.params import close_deployment_parameters
+
     unknown = sorted(set(flows) - set(_ENTRYPOINTS))
     if unknown:
         raise ValueError(f"unknown flow(s) {unknown}; deployable: {sorted(_ENTRYPOINTS)}")
@@ -126,6 +128,7 @@ def deploy(
                     enforce_parameter_schema=True,
                     **options,
                 )
+            close_deployment_parameters(dep_id)
             out[f"{name}/{deployment}"] = str(dep_id)
     return out
 

@@ -1,7 +1,10 @@
 """Flow ``finetune``: the VeCAF loops (Sec. 3.1, Appendix C) as one MLflow run with a nested run per loop.
 
 0. Check the parameters against each other (fresh samples fit the pool; objective fits the classes).
-1. ``load-dataset`` for the pool and the held-out split (manifests; corrupt images reported).
+1. ``load-dataset`` for the pool and the held-out split (manifests; corrupt images reported); then
+   ``tasks.data.check_splits``: every class on both sides, no image shared by pool and held-out split
+   (unless ``data.allow_overlap``), the loops fit the pool actually loaded, and a warning when a split holds
+   fewer images than asked (MLflow records the sizes used: ``data.pool_size_used``, ``data.test_size_used``).
 2. ``mlflow-start-run``: params, tags (dataset digest, method, PVM, code version), resolved configuration,
    the pool and held-out datasets.
 3. For each loop l = 1..L:
@@ -29,13 +32,14 @@ from flows.params import (
     DataParams,
     ModelParams,
     ObjectiveParams,
+    OodPrompt,
     RegistryParams,
     TrainingParams,
     check_objective_classes,
     check_training_fits,
 )
 from flows.runtime import flow_run_info, flow_run_url, runtime
-from tasks.data import load_dataset_task
+from tasks.data import check_splits, load_dataset_task, warn_smaller_than_asked
 from tasks.embeddings import feature_keys
 from tasks.features import feast_materialize_task
 from tasks.registry import register_model_task
@@ -63,7 +67,7 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 def finetune(
     data: DataParams = DataParams(),
     models: ModelParams = ModelParams(),
-    ood_prompt: str | None = None,
+    ood_prompt: OodPrompt = None,
     objective: ObjectiveParams = ObjectiveParams(),
     training: TrainingParams = TrainingParams(),
     registry: RegistryParams = RegistryParams(),
@@ -89,16 +93,9 @@ def finetune(
     pool = load_dataset_task(data, data.train_split, rt.work_dir)
     test = load_dataset_task(data, data.test_split, rt.work_dir)
     check_objective_classes(objective, pool["num_classes"])
-    if test["class_names"] != pool["class_names"]:
-        raise ValueError(
-            f"the held-out split's classes {test['class_names']} differ from the pool's {pool['class_names']}"
-        )
-    if pool["digest"] == test["digest"]:
-        get_run_logger().warning(
-            "the held-out split is the pool itself (%s has no %r/%r folders): accuracies are measured on "
-            "training images",
-            data.root, data.train_split, data.test_split,
-        )
+    checked = check_splits(data, pool, test)
+    check_training_fits(data.model_copy(update={"pool_size": checked["pool_size_used"]}), training, objective)
+    warn_smaller_than_asked(get_run_logger(), checked)
     keys = feature_keys(models, data, prompt)
     params = {
         "data": data.model_dump(mode="json"),
@@ -129,15 +126,18 @@ def finetune(
     from vecaf.settings import dump_settings
 
     resolved = {"params": params, "feature_keys": keys.to_dict(), "pool": pool, "test": test, "code_version": version,
-                "prefect_flow_run": info}  # fmt: skip
+                "prefect_flow_run": info, "data_checks": checked}  # fmt: skip
     config = {
         "settings.yaml": dump_settings(rt.settings),
         "params.yaml": yaml.safe_dump(params, sort_keys=False),
         "resolved.yaml": yaml.safe_dump(resolved, sort_keys=False),
     }
     run_name = f"{training.method}-{data.dataset}-{info['name'] or 'local'}"
+    used = {k: checked[k] for k in ("pool_size_used", "test_size_used")}
+    logged_params = {**params, "data": {**params["data"], **used}}
+    tags.update({k: str(v) for k, v in used.items()})
     run = start_run_task(
-        rt.tracking_uri, registry.experiment, run_name, params, tags, config, pool["manifest"], test["manifest"],
+        rt.tracking_uri, registry.experiment, run_name, logged_params, tags, config, pool["manifest"], test["manifest"],
         pool["skipped"] or None,
     )  # fmt: skip
     run_id = run["run_id"]

@@ -19,8 +19,9 @@ the model zoo unless a non-default model name has to be checked.
 
 from __future__ import annotations
 
+import copy
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -32,6 +33,22 @@ OBJECTIVES = ("ce", "one-vs-all", "class-weighted")
 DatasetName = Literal["fashion-mnist", "digits", "cifar10", "cifar100", "imagefolder"]
 MethodName = Literal["vecaf", "activeft", "coreset", "topk_loss", "random", "full"]
 ObjectiveName = Literal["ce", "one-vs-all", "class-weighted"]
+
+MAX_PROMPT_LENGTH = 300
+"""Longest OOD caption suffix (Sec. 3.3): a sentence, not a document; it is stored with every caption."""
+MAX_NAME_LENGTH = 200
+"""Longest model name, split name or experiment name."""
+MAX_PATH_LENGTH = 4096
+"""Longest file or folder path (Linux PATH_MAX)."""
+MAX_FREE_STRING_LENGTH = 1000
+"""Longest value of a top-level string parameter of a deployment that does not set its own bound."""
+
+OodPrompt = Annotated[
+    str | None,
+    Field(max_length=MAX_PROMPT_LENGTH, description="Caption suffix steering selection (Sec. 3.3)."),
+]
+"""Type of a flow's ``ood_prompt`` parameter: the bound reaches the deployment's schema, so the server refuses
+a longer prompt before a run exists."""
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-:/@+]+$")
 _REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
@@ -46,10 +63,16 @@ class DataParams(_Params):
 
     dataset: DatasetName = Field("fashion-mnist", description="Image pool (vecaf.data.list_datasets()).")
     root: str | None = Field(
-        None, description="Data folder (ImageFolder root, CIFAR batches, Fashion-MNIST idx files); None: the default."
+        None,
+        max_length=MAX_PATH_LENGTH,
+        description="Data folder (ImageFolder root, CIFAR batches, Fashion-MNIST idx files); None: the default."
     )
-    train_split: str = Field("train", min_length=1, description="Split that forms the pool.")
-    test_split: str = Field("test", min_length=1, description="Held-out split (evaluation and promotion).")
+    train_split: str = Field(
+        "train", min_length=1, max_length=MAX_NAME_LENGTH, description="Split that forms the pool."
+    )
+    test_split: str = Field(
+        "test", min_length=1, max_length=MAX_NAME_LENGTH, description="Held-out split (evaluation and promotion)."
+    )
     pool_size: int | None = Field(
         4000, ge=10, le=10_000_000, description="Images of the pool (seeded stratified subset); None: all."
     )
@@ -61,27 +84,52 @@ class DataParams(_Params):
     )
     subset_seed: int = Field(0, ge=0, description="Seed of the stratified subsets.")
     shard_size: int = Field(1000, ge=16, le=1_000_000, description="Images per captioning/embedding task.")
+    holdout_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="ImageFolder without train/test folders: share of the images carved out as the held-out split "
+        "(by content hash, so pool and held-out never share an image).",
+    )
+    allow_overlap: bool = Field(
+        False,
+        description="Accept a held-out split that shares images (same content hash) with the pool; off: refused, "
+        "because accuracies and promotion would be measured on training images.",
+    )
 
     @model_validator(mode="after")
     def _imagefolder_needs_root(self) -> DataParams:
         if self.dataset == "imagefolder" and not self.root:
             raise ValueError("dataset 'imagefolder' needs root=<folder of class sub-folders>")
+        if self.train_split == self.test_split and not self.allow_overlap:
+            raise ValueError(
+                f"train_split and test_split are both {self.train_split!r}: the held-out split would be the pool; "
+                "name two splits, or set allow_overlap=true to evaluate on training images knowingly"
+            )
         return self
 
 
 class ModelParams(_Params):
     """The pretrained models (Sec. 3.2): PVM, captioner, text encoder."""
 
-    pvm: str = Field("efficientnet_lite0", description="PVM: 'efficientnet_lite0' or a timm architecture.")
+    pvm: str = Field(
+        "efficientnet_lite0",
+        max_length=MAX_NAME_LENGTH,
+        description="PVM: 'efficientnet_lite0' or a timm architecture.",
+    )
     pvm_checkpoint: str | None = Field(
-        None, description="A local state_dict file loaded into the PVM instead of its default weights."
+        None,
+        max_length=MAX_PATH_LENGTH,
+        description="A local state_dict file loaded into the PVM instead of its default weights.",
     )
     captioner: str = Field(
         "imagenet-labels",
+        max_length=MAX_PATH_LENGTH,
         description="'imagenet-labels', an alias (blip-base, coca...), 'hf:<folder>' or 'open_clip:<spec>'.",
     )
     text_encoder: str = Field(
         "all-MiniLM-L6-v2",
+        max_length=MAX_PATH_LENGTH,
         description="'all-MiniLM-L6-v2', an alias (clip, bert-large...), 'hf:<folder>' or 'open_clip:<spec>'.",
     )
     batch_size: int = Field(64, ge=1, le=4096, description="Images or captions per inference batch.")
@@ -128,7 +176,10 @@ class ObjectiveParams(_Params):
     kind: ObjectiveName = Field("ce", description="'ce', 'one-vs-all' (Table 3) or 'class-weighted'.")
     target_class: int | None = Field(None, ge=0, description="Class index of the one-vs-all objective.")
     class_weights: list[float] | None = Field(
-        None, min_length=2, description="One positive weight per class (class-weighted cross-entropy)."
+        None,
+        min_length=2,
+        max_length=100_000,
+        description="One positive weight per class (class-weighted cross-entropy).",
     )
 
     @model_validator(mode="after")
@@ -184,7 +235,7 @@ class TrainingParams(_Params):
 class RegistryParams(_Params):
     """Tracking, registration and promotion."""
 
-    experiment: str = Field("vecaf", min_length=1, max_length=200, description="MLflow experiment.")
+    experiment: str = Field("vecaf", min_length=1, max_length=MAX_NAME_LENGTH, description="MLflow experiment.")
     model_name: str = Field("vecaf-classifier", description="Registered model name in the MLflow registry.")
     promotion_margin: float = Field(
         0.0,
@@ -209,7 +260,7 @@ class PipelineParams(_Params):
 
     data: DataParams = DataParams()
     models: ModelParams = ModelParams()
-    ood_prompt: str | None = Field(None, max_length=300, description="Caption suffix steering selection (Sec. 3.3).")
+    ood_prompt: OodPrompt = None
     objective: ObjectiveParams = ObjectiveParams()
     training: TrainingParams = TrainingParams()
     registry: RegistryParams = RegistryParams()
@@ -267,3 +318,47 @@ def check_objective_classes(objective: ObjectiveParams, num_classes: int) -> Non
         raise ValueError(
             f"class_weights has {len(objective.class_weights)} entries, the dataset has {num_classes} classes"
         )
+
+
+def closed_parameter_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A flow's parameter schema that refuses unknown top-level parameters and unbounded strings.
+
+    Prefect builds a deployment's schema from the flow's signature without ``additionalProperties``, so
+    its server accepts a run with an unknown top-level parameter (the run then dies in the worker with
+    only "Process exited with status code: 1"). The parameter models are ``extra="forbid"`` already;
+    this closes the top level too, and gives every top-level string that has no ``maxLength`` the bound
+    ``MAX_FREE_STRING_LENGTH``.
+
+    Args:
+        schema: the deployment's ``parameter_openapi_schema`` (not modified).
+
+    Returns:
+        A copy with ``additionalProperties: false`` and the string bounds.
+    """
+    closed = copy.deepcopy(schema)
+    closed["additionalProperties"] = False
+    for prop in closed.get("properties", {}).values():
+        variants = prop.get("anyOf", [prop])
+        for variant in variants:
+            if variant.get("type") == "string" and "maxLength" not in variant and "enum" not in variant:
+                variant["maxLength"] = MAX_FREE_STRING_LENGTH
+    return closed
+
+
+def close_deployment_parameters(deployment_id: Any) -> dict[str, Any]:
+    """Store :func:`closed_parameter_schema` as the deployment's schema (the current Prefect API).
+
+    With ``enforce_parameter_schema`` the server then refuses, before a flow run exists, a run whose
+    parameters hold an unknown top-level key or an oversized string.
+
+    Returns:
+        The schema stored.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+        closed = closed_parameter_schema(deployment.parameter_openapi_schema or {"type": "object", "properties": {}})
+        client.update_deployment(deployment_id, DeploymentUpdate(parameter_openapi_schema=closed))
+    return closed

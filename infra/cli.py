@@ -5,6 +5,7 @@
     vecaf deploy                   register the flows' deployments (pipeline on a cron schedule, promote...)
     vecaf run                      trigger vecaf-pipeline through its deployment, with parameters
     vecaf promote                  trigger the promote flow through its deployment
+    vecaf gc                       retention: old runs and versions, failed runs' work files, logs, Parquet
     vecaf data fetch               obtain Fashion-MNIST when Debian's package is not installed
 """
 
@@ -59,24 +60,207 @@ def demo(
         raise typer.Exit(1) from exc
 
 
-def _load_params(path: Optional[Path], overrides: dict[str, Any]) -> Any:
-    """``PipelineParams`` from a YAML/JSON file (or defaults) with ``{"group.field": value}`` overrides."""
+class ParamsFileError(ValueError):
+    """A parameters file that cannot be read or parsed (the message is one line, with the file's name)."""
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML/JSON parameters file.
+
+    Raises:
+        ParamsFileError: missing or unreadable file, malformed YAML/JSON, or a top level that is not a mapping.
+    """
     import json
 
     import yaml
 
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsFileError(f"cannot read parameters file {path}: {exc}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ParamsFileError(f"parameters file {path} is not valid JSON: {exc}") from exc
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsFileError(f"parameters file {path} is not valid YAML{at}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsFileError(
+            f"parameters file {path} must hold a mapping of parameter groups (data, training...), "
+            f"not a {type(data).__name__}"
+        )
+    return data
+
+
+def _load_params(path: Optional[Path], overrides: dict[str, Any]) -> Any:
+    """``PipelineParams`` from a YAML/JSON file (or defaults) with ``{"group.field": value}`` overrides.
+
+    Raises:
+        ParamsFileError: the file cannot be read or parsed.
+        pydantic.ValidationError: the parameters are invalid.
+    """
     from flows.params import PipelineParams
 
-    data: dict = {}
-    if path is not None:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+    data: dict = {} if path is None else _read_params_file(path)
     for dotted, value in overrides.items():
         if value is None:
             continue
         head, _, leaf = dotted.partition(".")
-        data.setdefault(head, {})[leaf] = value
+        group = data.setdefault(head, {})
+        if not isinstance(group, dict):
+            raise ParamsFileError(f"parameter {head!r} must be a mapping to take --{leaf.replace('_', '-')}")
+        group[leaf] = value
     return PipelineParams(**data)
+
+
+def _params_or_exit(path: Optional[Path], overrides: dict[str, Any]) -> Any:
+    """:func:`_load_params`, or exit 2 with the reason (one line for a file error, one line per invalid field)."""
+    from pydantic import ValidationError
+
+    try:
+        return _load_params(path, overrides)
+    except ParamsFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except ValidationError as exc:
+        typer.echo(f"invalid parameters: {_one_line_errors(exc)}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _one_line_errors(exc: Any) -> str:
+    """A pydantic ValidationError as ``loc: message; loc: message``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "parameters"
+        parts.append(f"{loc}: {err.get('msg', '')}")
+    return "; ".join(parts)
+
+
+def _check_cron(cron: str, timezone: str = "UTC") -> None:
+    """Exit 2 with one line when ``cron`` is not a valid cron string."""
+    from pydantic import ValidationError
+
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        reason = "; ".join(str(e.get("msg", "")).removeprefix("Value error, ") for e in exc.errors())
+        hint = "five fields: minute hour day-of-month month day-of-week"
+        typer.echo(f"invalid --cron {cron!r}: {reason} ({hint})", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _trigger_or_exit(settings: Any, deployment: str, parameters: dict[str, Any]) -> Any:
+    """``flows.deploy.trigger``; a refusal by the server exits 2 with its reason (no flow run exists then)."""
+    from flows.deploy import trigger
+
+    try:
+        return trigger(settings, deployment, parameters)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def describe_failure(flow_run_id: Any, *, max_depth: int = 4, error_logs: int = 3) -> list[str]:
+    """Why a flow run did not complete: its state message, the failed subflows and task runs with theirs.
+
+    Reads, through the current Prefect API, the flow run's state; its child flow runs (subflows) and task
+    runs that ended FAILED or CRASHED, recursively; and, for a run with no failed child (e.g. a crash of
+    its process), its last ERROR log lines.
+
+    Args:
+        flow_run_id: the flow run.
+        max_depth: how deep subflows are followed.
+        error_logs: how many ERROR log messages to show for a run without a failed child.
+
+    Returns:
+        Indented lines, the first one for the run itself.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+        LogFilterLevel,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import LogSort
+
+    bad = [StateType.FAILED, StateType.CRASHED]
+
+    def message(state: Any) -> str:
+        if state is None:
+            return "no state"
+        text = " ".join((state.message or "").split())
+        return f"{state.name}: {text}" if text else state.name
+
+    lines: list[str] = []
+    with get_client(sync_client=True) as client:
+
+        def walk(run: Any, depth: int, label: str) -> None:
+            pad = "  " * depth
+            lines.append(f"{pad}{label} {run.name!r}: {message(run.state)}")
+            if depth >= max_depth:
+                return
+            subflows = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))
+            )
+            wrappers = {s.parent_task_run_id for s in subflows}
+            failed_subflows = [s for s in subflows if s.state is not None and s.state.type in bad]
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=bad))),
+            )
+            failed_tasks = [t for t in tasks if t.id not in wrappers]
+            for sub in failed_subflows:
+                flow = client.read_flow(sub.flow_id)
+                walk(sub, depth + 1, f"subflow {flow.name}")
+            for task_run in failed_tasks:
+                lines.append(f"{pad}  task {task_run.name}: {message(task_run.state)}")
+            if not failed_subflows and not failed_tasks and error_logs:
+                logs = client.read_logs(
+                    log_filter=LogFilter(
+                        flow_run_id=LogFilterFlowRunId(any_=[run.id]), level=LogFilterLevel(ge_=40)
+                    ),
+                    sort=LogSort.TIMESTAMP_DESC,
+                    limit=error_logs,
+                )
+                for log in reversed(logs):
+                    text = [ln for ln in log.message.strip().splitlines() if ln.strip()]
+                    if text:
+                        lines.append(f"{pad}  log: {text[-1].strip()[:500]}")
+
+        root = client.read_flow_run(flow_run_id)
+        walk(root, 0, f"flow {client.read_flow(root.flow_id).name}")
+    return lines
+
+
+def _report_end(settings: Any, flow_run: Any) -> None:
+    """Print the run's final state; when it did not complete, why (see :func:`describe_failure`), and exit 1."""
+    from flows.deploy import prefect_api
+
+    typer.echo(f"{flow_run.name}: {flow_run.state.name}")
+    if flow_run.state.is_completed():
+        return
+    try:
+        with prefect_api(settings):
+            lines = describe_failure(flow_run.id)
+    except Exception as exc:  # noqa: BLE001 - the state message is still worth printing
+        lines = [f"{flow_run.state.message or flow_run.state.name} (details unavailable: {exc})"]
+    for line in lines:
+        typer.echo(line, err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -93,7 +277,8 @@ def deploy(
     from flows.deploy import deploy as deploy_flows
     from vecaf.settings import load_settings
 
-    pipeline = _load_params(params, {}) if params is not None else None
+    _check_cron(cron)
+    pipeline = _params_or_exit(params, {}) if params is not None else None
     ids = deploy_flows(
         load_settings(config), pipeline_parameters=None if pipeline is None else pipeline.flow_parameters(),
         cron=cron, paused=paused, gpu_limit=gpu_limit,
@@ -117,9 +302,7 @@ def run(
     wait: bool = typer.Option(True, help="Wait for the run to finish."),
 ) -> None:
     """Trigger vecaf-pipeline through its deployment (parameters validated here and by the server)."""
-    from pydantic import ValidationError
-
-    from flows.deploy import PIPELINE_DEPLOYMENT, trigger, wait_for_run
+    from flows.deploy import PIPELINE_DEPLOYMENT, wait_for_run
     from flows.runtime import flow_run_url
     from infra.stack import stack_urls
     from vecaf.settings import load_settings
@@ -128,20 +311,14 @@ def run(
         "data.dataset": dataset, "data.pool_size": pool_size, "training.method": method, "training.mode": mode,
         "training.ratio": ratio, "training.loops": loops, "training.batch_budget": batch_budget, "training.seed": seed,
     }  # fmt: skip
-    try:
-        pipeline = _load_params(params, overrides)
-    except ValidationError as exc:
-        typer.echo(f"invalid parameters:\n{exc}", err=True)
-        raise typer.Exit(2) from exc
+    pipeline = _params_or_exit(params, overrides)
     settings = load_settings(config)
     ui = stack_urls(settings)["prefect_ui_url"]
-    flow_run = trigger(settings, f"vecaf-pipeline/{PIPELINE_DEPLOYMENT}", pipeline.flow_parameters())
+    flow_run = _trigger_or_exit(settings, f"vecaf-pipeline/{PIPELINE_DEPLOYMENT}", pipeline.flow_parameters())
     typer.echo(f"flow run {flow_run.name}: {flow_run_url(ui, str(flow_run.id))}")
     if wait:
         flow_run = wait_for_run(settings, flow_run.id)
-        typer.echo(f"{flow_run.name}: {flow_run.state.name}")
-        if not flow_run.state.is_completed():
-            raise typer.Exit(1)
+        _report_end(settings, flow_run)
         from rich.console import Console
 
         from infra.demo import collect_summary, print_summary
@@ -157,21 +334,25 @@ def promote(
     wait: bool = typer.Option(True, help="Wait for the run to finish."),
 ) -> None:
     """Trigger the promote flow through its deployment (challenger vs champion on the held-out split)."""
-    from flows.deploy import ON_DEMAND, trigger, wait_for_run
+    from pydantic import ValidationError
+
+    from flows.deploy import ON_DEMAND, wait_for_run
     from flows.params import RegistryParams
     from flows.runtime import flow_run_url
     from infra.stack import stack_urls
     from vecaf.settings import load_settings
 
+    try:
+        registry = RegistryParams(model_name=model_name, promotion_margin=margin)
+    except ValidationError as exc:
+        typer.echo(f"invalid parameters: {_one_line_errors(exc)}", err=True)
+        raise typer.Exit(2) from exc
     settings = load_settings(config)
-    registry = RegistryParams(model_name=model_name, promotion_margin=margin)
-    flow_run = trigger(settings, f"promote/{ON_DEMAND}", {"registry": registry.model_dump(mode="json")})
+    flow_run = _trigger_or_exit(settings, f"promote/{ON_DEMAND}", {"registry": registry.model_dump(mode="json")})
     typer.echo(f"flow run {flow_run.name}: {flow_run_url(stack_urls(settings)['prefect_ui_url'], str(flow_run.id))}")
     if wait:
         flow_run = wait_for_run(settings, flow_run.id)
-        typer.echo(f"{flow_run.name}: {flow_run.state.name}")
-        if not flow_run.state.is_completed():
-            raise typer.Exit(1)
+        _report_end(settings, flow_run)
         from tasks.registry import read_aliases
 
         aliases = read_aliases(stack_urls(settings)["mlflow_url"], model_name)
@@ -179,6 +360,50 @@ def promote(
             mv = aliases[alias]
             detail = "none" if mv is None else f"version {mv['version']} ({mv['tags'].get('promotion.decision', '-')})"
             typer.echo(f"{model_name}@{alias}: {detail}")
+
+
+@app.command()
+def gc(
+    config: Optional[Path] = ConfigOption,
+    keep_runs: int = typer.Option(20, min=0, help="Top-level MLflow runs kept per experiment, newest first."),
+    keep_versions: int = typer.Option(5, min=0, help="Model versions kept per registered model, newest first."),
+    older_than_days: float = typer.Option(30.0, min=0.0, help="Only runs and versions older than this go."),
+    experiment: Optional[list[str]] = typer.Option(None, help="Experiment to prune (repeatable; default: all)."),
+    model: Optional[list[str]] = typer.Option(None, help="Registered model to prune (repeatable; default: all)."),
+    log_max_mb: float = typer.Option(10.0, min=0.0, help="Rotate a server log larger than this many MB."),
+    log_keep: int = typer.Option(3, min=1, help="Rotated copies kept per log (name.log.1 .. name.log.N)."),
+    skip_mlflow: bool = typer.Option(False, help="Leave MLflow and the work folders alone (logs and Parquet only)."),
+    apply: bool = typer.Option(False, "--apply", help="Delete, rotate and compact; without it, only list."),
+) -> None:
+    """Retention: list (or, with --apply, delete) old runs, unaliased model versions, failed runs' work files;
+    rotate large logs; compact Feast Parquet. A version holding an alias is never deleted."""
+    from flows.runtime import runtime
+    from tasks.retention import apply_gc, plan_gc
+    from tasks.tracking import EndpointUnreachableError
+    from vecaf.settings import load_settings
+
+    rt = runtime(load_settings(config))
+    tracking_uri = None if skip_mlflow else rt.tracking_uri
+    try:
+        plan = plan_gc(
+            tracking_uri=tracking_uri, state_dir=rt.state_dir, store_dir=rt.store_dir, keep_runs=keep_runs,
+            keep_versions=keep_versions, older_than_days=older_than_days, log_max_bytes=int(log_max_mb * 1e6),
+            experiments=experiment or None, models=model or None,
+        )  # fmt: skip
+    except (EndpointUnreachableError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from exc
+    except Exception as exc:  # noqa: BLE001 - an MLflow client error names the server; say so in one line
+        typer.echo(f"error: cannot plan against MLflow at {tracking_uri}: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for line in plan.lines():
+        typer.echo(line)
+    counts = ", ".join(f"{k} {v}" for k, v in plan.counts().items())
+    if not apply:
+        typer.echo(f"dry run: would handle {counts}; nothing changed (add --apply)")
+        return
+    done = apply_gc(plan, tracking_uri=tracking_uri, log_keep=log_keep)
+    typer.echo("applied: " + ", ".join(f"{k} {v}" for k, v in done.items()))
 
 
 @data_app.command("fetch")

@@ -8,6 +8,16 @@ K = H(h_i, model, prompt) of ``tasks.features.content_key``; the dataset digest
 
 names a pool exactly (same images, same labels), and is logged with every run.
 
+Held-out split of an ImageFolder without ``train``/``test`` folders: it is carved out of the images by
+content hash. With u(h) = the first 52 bits of h read as a fraction in [0, 1), an image is held out when
+u(h_i) < ``data.holdout_fraction``; in a class with at least two distinct images where that rule leaves one
+side empty, the image of lowest u moves to the held-out side (or the one of highest u back to the pool).
+An image's side thus depends on its bytes alone (adding images never moves the others), and an image
+held out is held out under every copy of its bytes, so pool and held-out never share content.
+
+Checks before training (:func:`check_splits`): the pool and the held-out split share no content hash unless
+``data.allow_overlap``, and every class has images on both sides once corrupt images are skipped.
+
 A pool's manifest is a Parquet file (image_id, label, class_name, split, content_hash) under
 ``<state_dir>/work/manifests/``, named by its digest; tasks pass its path, never the images. Datasets and
 hashes are memoised per process, so the shard tasks of one flow run load a pool once.
@@ -81,16 +91,116 @@ def split_limit(data: DataParams, split: str) -> int | None:
 def load_split(data: DataParams, split: str, *, strict: bool = False) -> Any:
     """The ``vecaf.data.ImageDataset`` of one split, memoised per process (``DataParams`` is frozen).
 
+    An ImageFolder without split folders is carved into pool and held-out split by content hash (see
+    the module docstring).
+
     Args:
         data: the data parameters (name, root, sizes, subset seed).
         split: ``data.train_split`` or ``data.test_split``.
         strict: fail on a corrupt image instead of skipping it.
+
+    Raises:
+        ValueError: an ImageFolder has one split folder but not the other.
     """
     from vecaf.data import load_dataset
 
+    if carves_holdout(data):
+        if split in (data.train_split, data.test_split):
+            return _carved_split(data, split, strict=strict)
     return load_dataset(
         data.dataset, root=data.root, split=split, strict=strict, limit=split_limit(data, split), seed=data.subset_seed
     )
+
+
+def _split_folder(root: Path, split: str) -> bool:
+    folder = root / split
+    return folder.is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in folder.iterdir())
+
+
+def carves_holdout(data: DataParams) -> bool:
+    """Whether the held-out split is carved out of the images: an ImageFolder with neither split folder.
+
+    Raises:
+        ValueError: the folder has one of ``root/<train_split>``, ``root/<test_split>`` but not the other.
+    """
+    if data.dataset != "imagefolder" or data.root is None or data.train_split == data.test_split:
+        return False
+    root = Path(data.root).expanduser()
+    if not root.is_dir():
+        return False
+    has_train, has_test = _split_folder(root, data.train_split), _split_folder(root, data.test_split)
+    if has_train != has_test:
+        present, missing = (data.train_split, data.test_split) if has_train else (data.test_split, data.train_split)
+        raise ValueError(
+            f"image folder {root} has a {present!r} split folder but no {missing!r} one: add "
+            f"{root / missing}/<class>/<images>, or put every class folder directly under {root} (the held-out "
+            f"split is then carved out by content hash, data.holdout_fraction={data.holdout_fraction})"
+        )
+    return not has_train
+
+
+def hash_fraction(content_hash: str) -> float:
+    """u(h): the first 52 bits of a hex content hash as a fraction in [0, 1)."""
+    return int(content_hash[:13], 16) / float(16**13)
+
+
+def holdout_mask(labels: np.ndarray, hashes: list[str], fraction: float) -> np.ndarray:
+    """Which images form the held-out split when it is carved by content hash (see the module docstring).
+
+    Args:
+        labels: (N,) class labels.
+        hashes: N content hashes h_i.
+        fraction: the held-out share, in (0, 1).
+
+    Returns:
+        (N,) bool, True for held-out images; equal hashes always get the same value.
+    """
+    labels = np.asarray(labels)
+    if len(labels) != len(hashes):
+        raise ValueError(f"{len(labels)} labels but {len(hashes)} hashes")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must lie in (0, 1), got {fraction}")
+    held: set[str] = set()
+    for c in np.unique(labels):
+        unique = sorted({hashes[i] for i in np.flatnonzero(labels == c)}, key=lambda h: (hash_fraction(h), h))
+        chosen = {h for h in unique if hash_fraction(h) < fraction}
+        if len(unique) >= 2:
+            if not chosen:
+                chosen = {unique[0]}
+            elif len(chosen) == len(unique):
+                chosen.discard(unique[-1])
+        held |= chosen
+    return np.fromiter((h in held for h in hashes), dtype=bool, count=len(hashes))
+
+
+@lru_cache(maxsize=4)
+def _whole_folder(dataset: str, root: str, strict: bool) -> Any:
+    from vecaf.data import load_dataset
+
+    return load_dataset(dataset, root=root, split="", strict=strict, limit=None)
+
+
+def _carved_split(data: DataParams, split: str, *, strict: bool) -> Any:
+    from vecaf.data.dataset import FileImageDataset, subset_indices
+
+    whole = _whole_folder(data.dataset, str(data.root), strict)
+    hashes = image_content_hashes(whole)
+    held = holdout_mask(whole.labels, hashes, data.holdout_fraction)
+    is_test = split == data.test_split
+    side = np.flatnonzero(held if is_test else ~held)
+    keep = side[subset_indices(whole.labels[side], split_limit(data, split), seed=data.subset_seed)]
+    carved = FileImageDataset(
+        [whole.paths[i] for i in keep],
+        name=whole.name,
+        split=split,
+        ids=[whole.ids[i] for i in keep],
+        labels=whole.labels[keep],
+        class_names=whole.class_names,
+        skipped=[] if is_test else whole.skipped,
+        root=whole.root,
+    )
+    carved._vecaf_content_hashes = [hashes[i] for i in keep]
+    return carved
 
 
 def image_content_hashes(dataset: Any) -> list[str]:
@@ -184,6 +294,85 @@ def describe_split(data: DataParams, split: str, work_dir: str | os.PathLike) ->
         manifest=str(path),
         skipped=[(str(p), str(r)) for p, r in ds.skipped],
     )
+
+
+def check_splits(data: DataParams, pool: dict[str, Any], holdout: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a pool/held-out pair that would train a bad model or measure it on its own training images.
+
+    Checked, in this order: both splits name the same classes; every class has at least one image in the
+    pool and in the held-out split (after corrupt images were skipped); the two splits share no image
+    content hash, unless ``data.allow_overlap``.
+
+    Args:
+        data: the data parameters (``allow_overlap``, sizes asked for).
+        pool: ``load_dataset_task``'s answer for ``data.train_split``.
+        holdout: its answer for ``data.test_split``.
+
+    Returns:
+        ``{"pool_size_used", "test_size_used", "pool_size_asked", "test_size_asked", "overlap",
+        "pool_class_counts", "test_class_counts"}`` (class counts by class name).
+
+    Raises:
+        ValueError: naming the split, the classes or the number of shared images, and how to fix it.
+    """
+    names = list(pool["class_names"])
+    if list(holdout["class_names"]) != names:
+        raise ValueError(f"the held-out split's classes {holdout['class_names']} differ from the pool's {names}")
+    pool_table = read_manifest(pool["manifest"])
+    test_table = read_manifest(holdout["manifest"])
+    counts = {}
+    for what, ref, table in (("pool", pool, pool_table), ("held-out split", holdout, test_table)):
+        per_class = np.bincount(np.asarray(table["label"].to_pylist(), dtype=np.int64), minlength=len(names))
+        counts[what] = {n: int(k) for n, k in zip(names, per_class.tolist())}
+        empty = [n for n, k in counts[what].items() if k == 0]
+        if empty:
+            skipped = len(ref.get("skipped") or [])
+            after = f" after {skipped} corrupt image(s) were skipped (artifact skipped-images)" if skipped else ""
+            raise ValueError(
+                f"{len(empty)} class(es) have no image in the {what} {ref['dataset']}/{ref['split']}{after}: "
+                f"{empty}; a model trained or evaluated so would be wrong for them. Add readable images to those "
+                f"classes, remove their folders, or raise data.pool_size/data.test_size"
+            )
+    pool_hashes = set(pool_table["content_hash"].to_pylist())
+    test_ids, test_hashes = test_table["image_id"].to_pylist(), test_table["content_hash"].to_pylist()
+    shared = [i for i, h in zip(test_ids, test_hashes) if h in pool_hashes]
+    if shared and not data.allow_overlap:
+        raise ValueError(
+            f"{len(shared)} of the {test_table.num_rows} held-out images also are in the pool (same content hash), "
+            f"e.g. {shared[:3]}: accuracies and promotion would be measured on training images. Remove them from "
+            f"one split, or set data.allow_overlap=true to accept it knowingly"
+        )
+    return {
+        "pool_size_used": int(pool_table.num_rows),
+        "test_size_used": int(test_table.num_rows),
+        "pool_size_asked": data.pool_size,
+        "test_size_asked": data.test_size,
+        "overlap": len(shared),
+        "pool_class_counts": counts["pool"],
+        "test_class_counts": counts["held-out split"],
+    }
+
+
+def warn_smaller_than_asked(logger: Any, checked: dict[str, Any]) -> list[str]:
+    """Log a warning for each split that holds fewer images than its size parameter asked for.
+
+    Args:
+        logger: the run logger.
+        checked: :func:`check_splits`'s answer.
+
+    Returns:
+        The warnings logged.
+    """
+    out = []
+    for what, param in (("pool", "pool_size"), ("held-out split", "test_size")):
+        asked, used = checked[f"{param}_asked"], checked[f"{param}_used"]
+        if asked is not None and used < asked:
+            out.append(
+                f"data.{param}={asked} asked, but the {what} holds only {used} images: using {used} "
+                f"(MLflow param data.{param}_used)"
+            )
+            logger.warning(out[-1])
+    return out
 
 
 @task(name="load-dataset", **LOCAL_TASK)

@@ -279,3 +279,197 @@ def test_training_defaults_and_limits_of_cumulative_and_loss_power():
     for bad in (0.0, -1.0, 11.0):
         with pytest.raises(ValidationError, match="loss_power"):
             TrainingParams(loss_power=bad)
+
+
+# --- Data checks before training (issue 11, findings 7 and 8) ---------------------------------------------
+
+
+def _image_folder(root, classes, per_class, *, seed=0):
+    """``root/<class>/<i>.png``: ``per_class`` random 8x8 RGB images per class; returns the file paths."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            path = root / name / f"{i}.png"
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+            paths.append(path)
+    return paths
+
+
+def _refs(data, tmp_path):
+    from tasks.data import describe_split, load_split
+
+    load_split.cache_clear()
+    work = tmp_path / "work"
+    return describe_split(data, data.train_split, work).to_dict(), describe_split(data, data.test_split, work).to_dict()
+
+
+def _hashes(ref):
+    from tasks.data import read_manifest
+
+    return read_manifest(ref["manifest"])["content_hash"].to_pylist()
+
+
+def test_imagefolder_without_split_folders_is_carved_by_content_hash(tmp_path):
+    from tasks.data import _whole_folder, check_splits, hash_fraction
+
+    root = tmp_path / "pool"
+    paths = _image_folder(root, ("ant", "bee", "cat"), 12)
+    (root / "ant" / "copy-of-0.png").write_bytes(paths[0].read_bytes())
+    _whole_folder.cache_clear()
+    data = DataParams(dataset="imagefolder", root=str(root), pool_size=None, test_size=None, holdout_fraction=0.25)
+    pool, test = _refs(data, tmp_path)
+    pool_h, test_h = _hashes(pool), _hashes(test)
+    assert pool["size"] + test["size"] == 37
+    assert not set(pool_h) & set(test_h)
+    checked = check_splits(data, pool, test)
+    assert checked["overlap"] == 0
+    assert all(n > 0 for n in checked["pool_class_counts"].values())
+    assert all(n > 0 for n in checked["test_class_counts"].values())
+    # The side of an image is its hash's: u(h) < 0.25 held out, except the fix-up of a class left one-sided.
+    by_class = {}
+    for path in paths:
+        by_class.setdefault(path.parent.name, []).append(hashlib.sha256(path.read_bytes()).hexdigest())
+    for name, hashes in by_class.items():
+        low = {h for h in hashes if hash_fraction(h) < 0.25}
+        expected = low if 0 < len(low) < len(hashes) else None
+        if expected is not None:
+            assert {h for h in test_h if h in hashes} == expected, name
+    # The copy sits on the same side as its original.
+    original = hashlib.sha256(paths[0].read_bytes()).hexdigest()
+    assert (pool_h.count(original), test_h.count(original)) in ((2, 0), (0, 2))
+
+    # Adding images never moves the others between sides.
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8, 3), 17, dtype=np.uint8)).save(root / "bee" / "new.png")
+    _whole_folder.cache_clear()
+    pool2, test2 = _refs(data, tmp_path)
+    assert set(test_h) <= set(_hashes(test2)) and set(pool_h) <= set(_hashes(pool2))
+
+
+def test_a_single_split_folder_is_refused(tmp_path):
+    root = tmp_path / "pool"
+    _image_folder(root / "train", ("ant", "bee"), 3)
+    data = DataParams(dataset="imagefolder", root=str(root), pool_size=None, test_size=None)
+    with pytest.raises(ValueError, match=r"has a 'train' split folder but no 'test' one"):
+        _refs(data, tmp_path)
+
+
+def test_overlapping_splits_are_refused_unless_allowed(tmp_path):
+    from tasks.data import check_splits
+
+    root = tmp_path / "pool"
+    train = _image_folder(root / "train", ("ant", "bee"), 4, seed=1)
+    _image_folder(root / "test", ("ant", "bee"), 2, seed=2)
+    (root / "test" / "bee" / "leaked.png").write_bytes(train[5].read_bytes())
+    data = DataParams(dataset="imagefolder", root=str(root), pool_size=None, test_size=None)
+    pool, test = _refs(data, tmp_path)
+    with pytest.raises(ValueError, match=r"1 of the 5 held-out images also are in the pool .*allow_overlap=true"):
+        check_splits(data, pool, test)
+    allowed = data.model_copy(update={"allow_overlap": True})
+    assert check_splits(allowed, pool, test)["overlap"] == 1
+
+
+def test_a_class_whose_images_are_all_corrupt_is_named(tmp_path):
+    from tasks.data import _whole_folder, check_splits
+
+    root = tmp_path / "pool"
+    _image_folder(root, ("ant", "bee"), 5)
+    (root / "cat").mkdir()
+    for i in range(3):
+        (root / "cat" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    _whole_folder.cache_clear()
+    data = DataParams(dataset="imagefolder", root=str(root), pool_size=None, test_size=None)
+    pool, test = _refs(data, tmp_path)
+    assert len(pool["skipped"]) == 3
+    with pytest.raises(ValueError, match=r"1 class\(es\) have no image in the pool .* after 3 corrupt .*\['cat'\]"):
+        check_splits(data, pool, test)
+
+
+def test_a_class_missing_from_the_held_out_subset_is_named(tmp_path):
+    from tasks.data import check_splits
+
+    root = tmp_path / "pool"
+    _image_folder(root / "train", ("ant", "bee", "cat"), 4)
+    _image_folder(root / "test", ("ant", "bee"), 3, seed=5)
+    (root / "test" / "cat").mkdir()
+    data = DataParams(dataset="imagefolder", root=str(root), pool_size=None, test_size=None)
+    pool, test = _refs(data, tmp_path)
+    with pytest.raises(ValueError, match=r"no image in the held-out split imagefolder/test: \['cat'\]"):
+        check_splits(data, pool, test)
+
+
+def test_sizes_used_and_the_warning_when_less_than_asked(tmp_path):
+    from tasks.data import check_splits, warn_smaller_than_asked
+
+    root = tmp_path / "pool"
+    _image_folder(root / "train", ("ant", "bee"), 6)
+    _image_folder(root / "test", ("ant", "bee"), 5, seed=3)
+    data = DataParams(dataset="imagefolder", root=str(root), pool_size=100_000, test_size=10)
+    pool, test = _refs(data, tmp_path)
+    checked = check_splits(data, pool, test)
+    assert (checked["pool_size_used"], checked["test_size_used"]) == (12, 10)
+
+    class Log:
+        lines: list = []
+
+        def warning(self, msg):
+            self.lines.append(msg)
+
+    log = Log()
+    warned = warn_smaller_than_asked(log, checked)
+    assert warned == log.lines and len(warned) == 1
+    assert "data.pool_size=100000 asked, but the pool holds only 12 images" in warned[0]
+
+
+def test_the_same_split_for_pool_and_held_out_needs_allow_overlap():
+    with pytest.raises(ValidationError, match="held-out split would be the pool"):
+        DataParams(train_split="train", test_split="train")
+    assert DataParams(train_split="all", test_split="all", allow_overlap=True).allow_overlap
+
+
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: PipelineParams(ood_prompt="x" * 10_000), "ood_prompt"),
+        (lambda: DataParams(root="/" + "d" * 5000), "root"),
+        (lambda: DataParams(test_split="s" * 500), "test_split"),
+        (lambda: ModelParams(pvm="a" * 500), "pvm"),
+        (lambda: ModelParams(captioner="hf:/" + "a" * 5000), "captioner"),
+        (lambda: RegistryParams(experiment="e" * 300), "experiment"),
+    ],
+)
+def test_oversized_strings_are_refused(build, field):
+    with pytest.raises(ValidationError, match=field):
+        build()
+
+
+def test_the_deployment_schema_refuses_unknown_parameters_and_long_strings():
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError as SchemaError
+    from prefect.utilities.schema_tools import validate
+
+    from flows.finetune import finetune
+    from flows.params import MAX_FREE_STRING_LENGTH, MAX_PROMPT_LENGTH, closed_parameter_schema
+    from flows.pipeline import vecaf_pipeline
+
+    for flow_ in (vecaf_pipeline, finetune):
+        open_schema = parameter_schema(flow_).model_dump_for_openapi()
+        validate({"bogus": 1}, open_schema, raise_on_error=True)  # Prefect's own schema lets it through
+        schema = closed_parameter_schema(open_schema)
+        assert "additionalProperties" not in open_schema
+        validate(PipelineParams().flow_parameters(), schema, raise_on_error=True)
+        with pytest.raises(SchemaError, match="'bogus' was unexpected"):
+            validate({"bogus": 1}, schema, raise_on_error=True)
+        with pytest.raises(SchemaError, match="ood_prompt.*too long"):
+            validate({"ood_prompt": "x" * 10_000}, schema, raise_on_error=True)
+        with pytest.raises(SchemaError, match="data"):
+            validate({"data": {"pool_size": 100, "bogus": 1}}, schema, raise_on_error=True)
+    bound = parameter_schema(finetune).model_dump_for_openapi()["properties"]["ood_prompt"]["anyOf"][0]["maxLength"]
+    assert bound == MAX_PROMPT_LENGTH
+    closed = closed_parameter_schema(parameter_schema(vecaf_pipeline).model_dump_for_openapi())
+    assert closed["properties"]["ood_prompt"]["anyOf"][0]["maxLength"] in (MAX_PROMPT_LENGTH, MAX_FREE_STRING_LENGTH)
