@@ -16,8 +16,9 @@ engine's first pool pass.
 
 Outputs are files under ``<work_dir>/runs/<run id>/`` (never Prefect results): ``checkpoints/loop-<l>.pt``,
 ``loop-<l>.json`` (the loop record, its evaluations and its per-batch training loss), ``picks-loop-<l>.parquet``
-(image id, label, loss, centroid, caption), and after the last loop ``model.pt`` (the whole network:
-backbone + trained head, so it classifies images) and ``result.json``.
+(image id, label, loss, centroid, caption), and after the last loop ``model/`` (the whole network:
+backbone + trained head, so it classifies images, as ``vecaf.models.classifier`` stores it without pickle:
+``config.json`` + ``model.safetensors``) and ``result.json``.
 
 ``compute-losses`` writes L_i of every pool image under the model at the end of loop l to the Feast
 ``sample_losses`` view (model version = the MLflow run id, loop = l), the losses the next loop selects with.
@@ -321,10 +322,15 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
     if last:
         if result is None or result.model is None:
             raise RuntimeError("the engine returned no model after the last loop")
-        import torch
+        from vecaf.models.classifier import classifier_config, save_classifier
 
-        model_path = run_dir / "model.pt"
-        torch.save(result.model.cpu().eval(), model_path)
+        model_path = run_dir / "model"
+        network = result.model.cpu().eval()
+        config = classifier_config(
+            inputs["pvm"], network, class_names=spec.class_names, mode=spec.training.mode,
+            image_size=spec.data.image_size,
+        )  # fmt: skip
+        save_classifier(network, config, model_path)
         result_path = run_dir / "result.json"
         _write_json(result_path, result.to_dict())
         out.update(model=str(model_path), result=str(result_path), final_top1=float(result.top1))
