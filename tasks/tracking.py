@@ -319,7 +319,7 @@ def start_run(
     """
     from mlflow.entities import DatasetInput, InputTag, Param, RunTag
 
-    with talking_to("MLflow tracking server", tracking_uri):
+    with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
         exp = client.get_experiment_by_name(experiment)
         experiment_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
@@ -519,7 +519,7 @@ def log_model(
 
     config = _model_dir_config(model_dir)
     ts = int(time.time() * 1000)
-    with talking_to("MLflow tracking server", tracking_uri):
+    with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
         experiment_id = client.get_run(run_id).info.experiment_id
         logged = client.create_logged_model(
@@ -561,7 +561,7 @@ def _fail_logged_model(client: Any, model_id: str) -> None:
 
 def list_model_files(tracking_uri: str, model_id: str) -> list[tuple[str, int]]:
     """Every file of a logged model, as MLflow lists them: ``[(relative path, size in bytes)]``."""
-    with talking_to("MLflow tracking server", tracking_uri):
+    with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
         files: list[tuple[str, int]] = []
         pending: list[str | None] = [None]
@@ -573,6 +573,118 @@ def list_model_files(tracking_uri: str, model_id: str) -> list[tuple[str, int]]:
                 else:
                     files.append((info.path, int(info.file_size or 0)))
     return sorted(files)
+
+
+class UnsafeModelError(ValueError):
+    """A stored model is not in the ``vecaf_classifier`` format (config + safetensors): it is never loaded."""
+
+
+def resolve_model_id(tracking_uri: str, model_uri: str) -> str:
+    """The logged model behind ``models:/<name>/<version>`` or ``models:/<model_id>``.
+
+    Raises:
+        UnsafeModelError: the version has no logged model (registered from a run's files, not by this pipeline).
+    """
+    prefix = "models:/"
+    if not model_uri.startswith(prefix):
+        raise ValueError(f"model URI {model_uri!r} is not models:/<name>/<version> or models:/<model_id>")
+    parts = model_uri[len(prefix) :].strip("/").split("/")
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) != 2:
+        raise ValueError(f"model URI {model_uri!r} is not models:/<name>/<version> or models:/<model_id>")
+    with talking_to(MLFLOW_SERVER, tracking_uri):
+        version = mlflow_client(tracking_uri).get_model_version(parts[0], parts[1])
+    model_id = getattr(version, "model_id", None)
+    source = str(version.source or "")
+    if not model_id and source.startswith(prefix) and "/" not in source[len(prefix) :]:
+        model_id = source[len(prefix) :]  # the REST API gives the logged model as the source, not always model_id
+    if not model_id:
+        raise UnsafeModelError(
+            f"{model_uri} has no logged model (source {source!r}): not stored by this pipeline, not loaded"
+        )
+    return str(model_id)
+
+
+def check_stored_model(tracking_uri: str, model_id: str) -> dict[str, Any]:
+    """Check, before anything is deserialized, that a logged model is a ``vecaf_classifier`` (no pickle).
+
+    Only MLflow's file listing and the ``MLmodel`` YAML (read with ``yaml.safe_load``) are looked at: the
+    files must be exactly :data:`MODEL_FILES` and ``MLmodel`` must declare the ``vecaf_classifier`` flavor of
+    this format version. Anything else (a ``pytorch`` flavor, a ``.pth``/``.pkl`` file, a python_function
+    loader) is refused.
+
+    Returns:
+        ``{"model_id", "artifact_uri", "metadata", "flavor"}``.
+
+    Raises:
+        UnsafeModelError: the model is in another format; the message says what was found.
+    """
+    import tempfile
+
+    import yaml
+
+    from vecaf.models.classifier import CLASSIFIER_FORMAT, CLASSIFIER_FORMAT_VERSION
+
+    files = {path for path, _ in list_model_files(tracking_uri, model_id)}
+    if files != set(MODEL_FILES):
+        raise UnsafeModelError(
+            f"logged model {model_id} holds {sorted(files)}, not exactly {list(MODEL_FILES)} (the {MODEL_FLAVOR} "
+            "format: JSON config + safetensors weights); it is not loaded (a pickled model could run code)"
+        )
+    with talking_to(MLFLOW_SERVER, tracking_uri):
+        client = mlflow_client(tracking_uri)
+        logged = client.get_logged_model(model_id)
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory(prefix="vecaf-mlmodel-") as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{logged.artifact_location.rstrip('/')}/MLmodel", dst_path=tmp, tracking_uri=tracking_uri
+            )
+            text = Path(path).read_text()
+    try:
+        mlmodel = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UnsafeModelError(f"logged model {model_id}: its MLmodel is not valid YAML ({exc})") from exc
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    flavor = flavors.get(MODEL_FLAVOR) if isinstance(flavors, dict) else None
+    if not isinstance(flavor, dict):
+        found = sorted(flavors) if isinstance(flavors, dict) else flavors
+        raise UnsafeModelError(
+            f"logged model {model_id} has flavors {found}, not {MODEL_FLAVOR}: it is not loaded (only models stored "
+            "as JSON config + safetensors weights are, never pickles)"
+        )
+    if flavor.get("format") != CLASSIFIER_FORMAT or flavor.get("format_version") != CLASSIFIER_FORMAT_VERSION:
+        raise UnsafeModelError(
+            f"logged model {model_id} is {flavor.get('format')!r} version {flavor.get('format_version')!r}, not "
+            f"{CLASSIFIER_FORMAT!r} version {CLASSIFIER_FORMAT_VERSION}: it is not loaded"
+        )
+    metadata = mlmodel.get("metadata") if isinstance(mlmodel.get("metadata"), dict) else {}
+    return {"model_id": model_id, "artifact_uri": logged.artifact_location, "metadata": metadata, "flavor": flavor}
+
+
+def load_stored_model(tracking_uri: str, model_uri: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Check a logged model (:func:`check_stored_model`), then download its config and weights and rebuild it.
+
+    Returns:
+        ``(model, config, metadata)``: the network on the CPU in eval mode (``vecaf.models.classifier``
+        rebuilt it from the JSON config and loaded the safetensors weights with strict checks).
+    """
+    import tempfile
+
+    import mlflow.artifacts
+
+    from vecaf.models.classifier import CONFIG_FILE, WEIGHTS_FILE, load_classifier
+
+    stored = check_stored_model(tracking_uri, resolve_model_id(tracking_uri, model_uri))
+    with tempfile.TemporaryDirectory(prefix="vecaf-model-") as tmp:
+        with talking_to(MLFLOW_SERVER, tracking_uri):
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{stored['artifact_uri'].rstrip('/')}/{name}", dst_path=tmp, tracking_uri=tracking_uri
+                )
+        model, config = load_classifier(tmp)
+    return model, config, stored["metadata"]
 
 
 def verify_model_artifacts(
@@ -593,7 +705,7 @@ def verify_model_artifacts(
         FileNotFoundError: a required file is missing, or a file is empty.
     """
     files = list_model_files(tracking_uri, model_id)
-    with talking_to("MLflow tracking server", tracking_uri):
+    with talking_to(MLFLOW_SERVER, tracking_uri):
         logged = mlflow_client(tracking_uri).get_logged_model(model_id)
     names = {path for path, _ in files}
     missing = [r for r in required if r not in names]
@@ -611,7 +723,7 @@ def end_run(tracking_uri: str, run_id: str, *, status: str = "FINISHED", tags: M
     """Mark the run FINISHED (or FAILED/KILLED) and add final tags."""
     from mlflow.entities import RunTag
 
-    with talking_to("MLflow tracking server", tracking_uri):
+    with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
         if tags:
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -401,32 +401,26 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Top-1 and cross-entropy of a logged model on the held-out split, computed here from the images.
 
-    The model's MLmodel metadata gives its preprocessing (``data_config``) and class names; the class names
-    must equal the held-out dataset's.
+    The model is loaded without pickle (``tasks.tracking.load_stored_model``: its format is checked before
+    anything is read, then the network is rebuilt from its JSON config and its safetensors weights). Its
+    MLmodel metadata gives its preprocessing (``data_config``) and class names; the class names must equal
+    the held-out dataset's.
 
     Returns:
         ``{"model_uri", "top1", "loss", "n", "per_class": [C]}``.
+
+    Raises:
+        tasks.tracking.UnsafeModelError: the model is not stored as config + safetensors (never loaded).
     """
     import torch
     import torch.nn.functional as F
 
-    import mlflow.pytorch
-    from mlflow.models import get_model_info
-
-    from tasks.tracking import mlflow_client, talking_to
-    from vecaf.models.pvm import PVMTransform
+    from tasks.tracking import load_stored_model
     from vecaf.models._runtime import device_of
+    from vecaf.models.pvm import PVMTransform
     from vecaf.train.evaluate import per_class_accuracy, top1_accuracy
 
-    with talking_to("MLflow tracking server", tracking_uri):
-        mlflow_client(tracking_uri)
-        info = get_model_info(model_uri)
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    meta = info.metadata or {}
-    if "data_config" not in meta or "class_names" not in meta:
-        raise ValueError(
-            f"model {model_uri} has no preprocessing/class names in its metadata; it was not logged by this pipeline"
-        )
+    model, meta, _mlmodel_metadata = load_stored_model(tracking_uri, model_uri)
     dataset = load_split(data, data.test_split)
     if list(meta["class_names"]) != list(dataset.class_names):
         raise ValueError(
