@@ -164,7 +164,9 @@ def test_concurrent_promotions_never_make_the_champion_worse(env, models):
     assert set(decisions) == {"first", "second"}
 
     # One chain: each decision compared against the champion the previous one left (one lock holder at a time).
-    chain = sorted(decisions.values(), key=lambda d: (d["decided_at"], d["champion_before"]["version"] != zero, d["promoted"]))
+    chain = sorted(
+        decisions.values(), key=lambda d: (d["decided_at"], d["champion_before"]["version"] != zero, d["promoted"])
+    )
     assert chain[0]["champion_before"]["version"] == zero
     assert chain[1]["champion_before"]["version"] == chain[0]["champion_after"]
     for decision in chain:
@@ -241,7 +243,9 @@ def _log_pickled_model(env, folder: Path, marker: Path) -> tuple[str, str]:
     torch.save(_Payload(str(marker)), folder / "data" / "model.pth")
     mlmodel = Model(artifact_path=logged.artifact_location, run_id=run.info.run_id, model_id=logged.model_id,
                     metadata={"class_names": [f"digit {i}" for i in range(10)]})  # fmt: skip
-    mlmodel.add_flavor("pytorch", model_data="data", pytorch_version=str(torch.__version__), serialization_format="pickle")
+    mlmodel.add_flavor(
+        "pytorch", model_data="data", pytorch_version=str(torch.__version__), serialization_format="pickle"
+    )
     mlmodel.add_flavor("python_function", loader_module="mlflow.pytorch", data="data")
     mlmodel.save(str(folder / "MLmodel"))
     client.log_model_artifacts(logged.model_id, str(folder))

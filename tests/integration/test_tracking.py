@@ -137,7 +137,9 @@ def test_registration_is_all_or_nothing(env, tmp_path):
 
     pvm = load_pvm("test_efficientnet", pretrained=False, num_classes=2)
     save_classifier(pvm.model, classifier_config(pvm, pvm.model, class_names=["a", "b"], mode="head"), tmp_path / "m")
-    logged = log_model(env.mlflow_url, run.info.run_id, str(tmp_path / "m"), metadata={"note": "tiny"}, final_metrics={})
+    logged = log_model(
+        env.mlflow_url, run.info.run_id, str(tmp_path / "m"), metadata={"note": "tiny"}, final_metrics={}
+    )
     with pytest.raises(MlflowException, match="alias"):
         # "v1" is reserved for version numbers: the server refuses the alias after the version exists.
         register_model(

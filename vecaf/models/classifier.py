@@ -92,7 +92,8 @@ def classifier_config(
         raise ValueError(f"PVM {getattr(pvm, 'name', pvm)!r} has no timm architecture ({arch!r}): it cannot be stored")
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(classifier, nn.Linear):
-        raise ValueError(f"the model's classifier is {type(classifier).__name__}, not a linear head: it cannot be stored")
+        kind = type(classifier).__name__
+        raise ValueError(f"the model's classifier is {kind}, not a linear head: it cannot be stored")
     names = [str(n) for n in class_names]
     if classifier.out_features != len(names):
         raise ValueError(f"the head has {classifier.out_features} outputs but {len(names)} class names were given")
