@@ -234,6 +234,11 @@ def promote_if_unchanged(
     return True, None
 
 
+def _outcome(decision: Mapping[str, Any]) -> str:
+    """promoted, kept-champion, refused-changed or refused-format (older decisions have only ``promoted``)."""
+    return decision.get("outcome") or ("promoted" if decision["promoted"] else "kept-champion")
+
+
 def _top1(evaluation: Mapping[str, Any] | None) -> str:
     return "not evaluated" if evaluation is None else f"{evaluation['top1']:.6f}"
 
@@ -258,7 +263,7 @@ def record_decision(tracking_uri: str, name: str, decision: Mapping[str, Any]) -
     before = decision.get("champion_before")
     challenger_eval, champion_eval = decision.get("challenger_eval"), decision.get("champion_eval")
     tags = {
-        "promotion.decision": decision["outcome"],
+        "promotion.decision": _outcome(decision),
         "promotion.reason": decision["reason"][:5000],
         "promotion.margin": f"{decision['margin']:.4f}",
         "promotion.challenger_version": challenger["version"],
@@ -309,7 +314,7 @@ def promotion_markdown(name: str, decision: Mapping[str, Any]) -> str:
     verdict = "**promoted**" if decision["promoted"] else "**not promoted**"
     return "\n".join(
         [
-            f"# Promotion of `{name}`: {verdict} ({decision['outcome']})",
+            f"# Promotion of `{name}`: {verdict} ({_outcome(decision)})",
             "",
             f"{decision['reason']}. Margin {decision['margin']:.4f}; {how}",
             "",

@@ -179,6 +179,7 @@ def test_concurrent_promotions_never_make_the_champion_worse(env, models):
             assert decision["challenger_eval"]["top1"] == pytest.approx(quality[after], abs=0.0051)
         assert f"v{before}" in decision["reason"] or decision["outcome"] == "refused-changed"
     assert _champion(env, name) == good  # the best version wins whatever the interleaving
+    print("interleaving:", [(d["outcome"], d["challenger"]["version"], d["champion_before"]["version"]) for d in chain])
 
     client = mlflow_client(env.mlflow_url)
     for decision in chain:
