@@ -14,8 +14,9 @@
    c. ``mlflow-log-loop``: nested run with the loop's metrics, the subset as an ``mlflow.data`` dataset
       (context "training") and the picks Parquet (why each image was picked).
 4. ``feast-materialize-incremental``: the losses reach the online store.
-5. ``mlflow-log-model``: the whole network, with an input example and its preprocessing.
-6. ``verify-model-artifacts``: boto3 finds the model's files in the bucket.
+5. ``mlflow-log-model``: the whole network, stored without pickle (JSON config + safetensors weights), with
+   its preprocessing; finalized READY, or FAILED when the upload breaks.
+6. ``verify-model-artifacts``: MLflow lists the model's files (through its artifact proxy: they are stored).
 7. ``register-model``: a new version of the registered model, alias ``challenger``.
 8. ``mlflow-end-run``: the run is FINISHED (FAILED, if any step above failed).
 """
@@ -83,8 +84,8 @@ def finetune(
         registry: experiment and registered-model name.
 
     Returns:
-        ``{"run_id", "experiment_id", "run_url", "loops": [...], "final_top1", "model": {...}, "s3_uri",
-        "flow_run_id"}``.
+        ``{"run_id", "experiment_id", "run_url", "loops": [...], "final_top1", "model": {...},
+        "model_artifact_uri", "model_files", "flow_run_id"}``.
     """
     check_training_fits(data, training, objective)
     prompt = (ood_prompt or "").strip() or None
@@ -168,14 +169,14 @@ def finetune(
             "input": "float32 (B, 3, S, S) images normalised with data_config (mean, std); output: class logits",
         }
         logged = log_model_task(
-            rt.tracking_uri, run_id, final["model"], metadata, tuple(pre["input_size"]),
+            rt.tracking_uri, run_id, final["model"], metadata,
             {"test_top1": final["final_top1"], "test_loss": final["test_loss"]}, final["result"],
         )  # fmt: skip
-        stored = verify_model_artifacts_task(rt.settings.stack, logged["artifact_uri"])
+        stored = verify_model_artifacts_task(rt.tracking_uri, logged["model_id"])
         version_tags = {
             "dataset": data.dataset, "dataset_digest": pool["digest"], "method": training.method, "mode": training.mode,
             "pvm": keys.pvm, "code_version": version, "test_top1": f"{final['final_top1']:.6f}",
-            "s3_uri": stored["s3_uri"],
+            "model_artifact_uri": stored["artifact_uri"],
         }  # fmt: skip
         registered = register_model_task(
             rt.tracking_uri, registry.model_name, logged["model_uri"], logged["model_id"], run_id, version_tags
@@ -185,7 +186,7 @@ def finetune(
             {
                 "registered_model": registry.model_name,
                 "registered_version": registered["version"],
-                "s3_model_uri": stored["s3_uri"],
+                "model_artifact_uri": stored["artifact_uri"],
             },
         )  # fmt: skip
     except BaseException:
@@ -202,7 +203,7 @@ def finetune(
         "loops": [{k: o[k] for k in ("loop", "top1", "test_loss", "budget", "batches")} for o in loops],
         "final_top1": final["final_top1"],
         "model": {**registered, "model_id": logged["model_id"], "model_uri": logged["model_uri"]},
-        "s3_uri": stored["s3_uri"],
-        "s3_objects": stored["count"],
+        "model_artifact_uri": stored["artifact_uri"],
+        "model_files": stored["count"],
         "flow_run_id": info["id"],
     }

@@ -1,27 +1,41 @@
 """Flow ``promote``: re-evaluate challenger and champion on the held-out split; move ``champion`` if earned.
 
-1. ``read-model-aliases``: the versions behind ``challenger`` and ``champion``.
+Everything below runs holding the promotion lock of the model (``tasks.registry.promotion_lock``: a Prefect
+global concurrency limit ``vecaf-promote-<model>`` with one slot), so two promotions never interleave.
+
+1. ``read-model-aliases``: the versions behind ``challenger`` and ``champion``, and whether each is stored in
+   the pipeline's pickle-free format (checked from MLflow's file listing and MLmodel YAML only). A challenger
+   in another format is refused before anything is downloaded or deserialized ("refused-format").
 2. ``load-dataset``: the held-out split (its manifest and digest; the same images for both models).
 3. ``evaluate-model`` for the challenger, and for the champion when there is one: top-1 and loss computed
-   here from the images with each model's own preprocessing (logged numbers are not trusted).
+   here from the images with each model's own preprocessing (logged numbers are not trusted). A champion
+   trained for other classes, or not in the pickle-free format, is not evaluated: it is kept, and the
+   decision says why.
 4. Decide (``tasks.registry.decide``): promote when there is no champion, or when the challenger's top-1
-   beats the champion's by more than ``registry.promotion_margin``. A champion trained for other classes
-   cannot be compared on this split: it is kept, and the decision says why.
-5. ``promote-champion`` (only when promoted): alias ``champion`` -> the challenger version.
-6. ``record-promotion``: ``promotion.*`` tags on the version, ``last_promotion`` on the model, and the
-   Prefect markdown artifact ``promotion-decision``.
+   beats the champion's by more than ``registry.promotion_margin``.
+5. ``promote-champion`` (only when promoted): the aliases are read again; ``champion`` -> the challenger only
+   if neither alias moved since step 1, else nothing moves ("refused-changed", naming the versions).
+6. ``record-promotion``: ``promotion.*`` tags on the version (the versions actually compared),
+   ``last_promotion`` on the model, and the Prefect markdown artifact ``promotion-decision``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.params import DataParams, RegistryParams
 from flows.runtime import flow_run_info, runtime
 from tasks.data import load_dataset_task
-from tasks.registry import decide, now_iso, read_aliases_task, record_decision_task, set_champion_task
+from tasks.registry import (
+    decide,
+    now_iso,
+    promote_if_unchanged_task,
+    promotion_lock,
+    read_aliases_task,
+    record_decision_task,
+)
 from tasks.training import evaluate_model_task
 
 
@@ -42,20 +56,54 @@ def promote(
         device: where the models are evaluated ('auto', 'cpu', 'cuda').
 
     Returns:
-        The decision: ``{"promoted", "reason", "margin", "challenger", "challenger_eval", "champion_before",
-        "champion_eval", "champion_after", "holdout", "decided_at", "flow_run_id"}`` (``promoted`` None when
-        there is no challenger, or it already is the champion).
+        The decision: ``{"promoted", "outcome", "reason", "margin", "challenger", "challenger_eval",
+        "champion_before", "champion_eval", "champion_after", "holdout", "decided_at", "flow_run_id", "lock"}``
+        (``promoted`` None when there is no challenger, or it already is the champion; ``outcome`` one of
+        promoted, kept-champion, refused-changed, refused-format).
     """
     rt = runtime()
     name = registry.model_name
-    aliases = read_aliases_task(rt.tracking_uri, name)
-    challenger, champion = aliases["challenger"], aliases["champion"]
-    if challenger is None:
-        after = None if champion is None else champion["version"]
-        return {"promoted": None, "reason": f"{name} has no challenger version", "champion_after": after}
-    if champion is not None and champion["version"] == challenger["version"]:
-        reason = f"version {challenger['version']} already is the champion"
-        return {"promoted": None, "reason": reason, "champion_after": champion["version"]}
+    get_run_logger().info("waiting for the promotion lock of %s (one promotion at a time)", name)
+    with promotion_lock(name) as lock:
+        aliases = read_aliases_task(rt.tracking_uri, name)
+        challenger, champion = aliases["challenger"], aliases["champion"]
+        if challenger is None:
+            after = None if champion is None else champion["version"]
+            return {"promoted": None, "reason": f"{name} has no challenger version", "champion_after": after}
+        if champion is not None and champion["version"] == challenger["version"]:
+            reason = f"version {challenger['version']} already is the champion"
+            return {"promoted": None, "reason": reason, "champion_after": champion["version"]}
+        decision: dict[str, Any] = {
+            "margin": registry.promotion_margin, "challenger": challenger, "challenger_eval": None,
+            "champion_before": champion, "champion_eval": None, "holdout": None, "lock": lock,
+        }  # fmt: skip
+        if challenger["format_error"] is not None:
+            decision.update(outcome="refused-format", promoted=False, reason=(
+                f"challenger version {challenger['version']} refused, never loaded: {challenger['format_error']}"
+            ))  # fmt: skip
+        else:
+            decision.update(_evaluate_and_decide(rt, name, data, registry, device, challenger, champion))
+        if decision["promoted"]:
+            cas = promote_if_unchanged_task(
+                rt.tracking_uri, name, challenger["version"], None if champion is None else champion["version"]
+            )
+            if not cas["moved"]:
+                decision.update(outcome="refused-changed", promoted=False, reason=(
+                    f"{decision['reason']}, but {cas['why_not']}: nothing moved (the next promotion compares the "
+                    "versions the aliases point at now)"
+                ))  # fmt: skip
+        decision["champion_after"] = (
+            challenger["version"] if decision["promoted"] else (None if champion is None else champion["version"])
+        )
+        decision.update(decided_at=now_iso(), flow_run_id=flow_run_info()["id"])
+        record_decision_task(rt.tracking_uri, name, decision)
+    return decision
+
+
+def _evaluate_and_decide(
+    rt: Any, name: str, data: DataParams, registry: RegistryParams, device: str, challenger: dict, champion: dict | None
+) -> dict[str, Any]:
+    """Steps 2-4: the held-out split, the evaluations, the rule. Returns the decision's fields so far."""
     holdout = load_dataset_task(data, data.test_split, rt.work_dir)
     if challenger["class_names"] != holdout["class_names"]:
         raise ValueError(
@@ -63,35 +111,26 @@ def promote(
             f"{data.dataset}/{data.test_split} has {holdout['class_names']}: promote it with the data it was "
             "trained for"
         )
-    challenger_eval = evaluate_model_task(rt.tracking_uri, f"models:/{name}/{challenger['version']}", data, device)
-    champion_eval = None
-    comparable = champion is None or champion["class_names"] == holdout["class_names"]
-    if champion is not None and comparable:
-        champion_eval = evaluate_model_task(rt.tracking_uri, f"models:/{name}/{champion['version']}", data, device)
-    if comparable:
-        promoted, reason = decide(
-            challenger_eval["top1"], None if champion_eval is None else champion_eval["top1"], registry.promotion_margin
+    out: dict[str, Any] = {"holdout": {k: holdout[k] for k in ("dataset", "split", "size", "digest")}}
+    out["challenger_eval"] = evaluate_model_task(
+        rt.tracking_uri, f"models:/{name}/{challenger['version']}", data, device
+    )
+    if champion is None:
+        promoted, reason = decide(out["challenger_eval"]["top1"], None, registry.promotion_margin)
+        return {**out, "promoted": promoted, "reason": reason, "outcome": "promoted" if promoted else "kept-champion"}
+    if champion["format_error"] is not None:
+        reason = (
+            f"champion version {champion['version']} is not stored in the pickle-free format and is not loaded "
+            f"({champion['format_error']}): champion kept (move the alias by hand to replace it)"
         )
-    else:
-        promoted = False
+        return {**out, "promoted": False, "reason": reason, "outcome": "kept-champion"}
+    if champion["class_names"] != holdout["class_names"]:
         reason = (
             f"champion version {champion['version']} predicts other classes than {data.dataset} and cannot be "
             "evaluated on this held-out split: champion kept (move the alias by hand, or use another model_name)"
         )
-    if promoted:
-        set_champion_task(rt.tracking_uri, name, challenger["version"])
-    decision = {
-        "promoted": promoted,
-        "reason": reason,
-        "margin": registry.promotion_margin,
-        "challenger": challenger,
-        "challenger_eval": challenger_eval,
-        "champion_before": champion,
-        "champion_eval": champion_eval,
-        "champion_after": challenger["version"] if promoted else champion["version"],
-        "holdout": {k: holdout[k] for k in ("dataset", "split", "size", "digest")},
-        "decided_at": now_iso(),
-        "flow_run_id": flow_run_info()["id"],
-    }
-    record_decision_task(rt.tracking_uri, name, decision)
-    return decision
+        return {**out, "promoted": False, "reason": reason, "outcome": "kept-champion"}
+    out["champion_eval"] = evaluate_model_task(rt.tracking_uri, f"models:/{name}/{champion['version']}", data, device)
+    promoted, reason = decide(out["challenger_eval"]["top1"], out["champion_eval"]["top1"], registry.promotion_margin)
+    reason = f"{reason} (challenger v{challenger['version']} vs champion v{champion['version']})"
+    return {**out, "promoted": promoted, "reason": reason, "outcome": "promoted" if promoted else "kept-champion"}

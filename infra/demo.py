@@ -151,7 +151,8 @@ def collect_summary(settings: Settings, flow_run: Any) -> dict[str, Any]:
         model["decision"] = mv.tags.get("promotion.decision")
         model["reason"] = mv.tags.get("promotion.reason")
         model["heldout_top1"] = mv.tags.get("promotion.challenger_top1")
-    model_s3 = run.data.tags.get("s3_model_uri")
+    model_artifacts = run.data.tags.get("model_artifact_uri")
+    model_s3 = s3_location(model_artifacts, settings.stack.bucket) if model_artifacts else None
     run_s3 = s3_location(run.info.artifact_uri, settings.stack.bucket)
     counts: dict[str, int] = {}
     s3 = s3_client(settings)

@@ -1,6 +1,6 @@
 """Model-registry tasks: register a version as ``challenger``, read aliases, promote, record the decision.
 
-Registration happens only after the model's files are logged and found in the bucket
+Registration happens only after the model's files are logged and listed by MLflow
 (``tasks.tracking.verify_model_artifacts``). It is all or nothing: the version is created, then tagged and
 given the alias ``challenger``; if any of that fails the new version is deleted again before the error is
 raised, so no version without its alias is left behind.
@@ -8,14 +8,22 @@ raised, so no version without its alias is left behind.
 Promotion rule (``decide``): with held-out top-1 accuracies a (challenger) and c (champion), recomputed by
 the promote flow, the challenger becomes ``champion`` when there is no champion yet, or when
 a - c > margin (a gain within 1e-9 of the margin counts as equal: float rounding). Otherwise the champion
-stays. The decision is recorded as tags ``promotion.*`` on the challenger version, a registered-model tag
-``last_promotion``, and a Prefect markdown artifact.
+stays. The decision is recorded as tags ``promotion.*`` on the challenger version (naming the versions
+actually compared), a registered-model tag ``last_promotion``, and a Prefect markdown artifact.
+
+Promotion is a compare-and-set. One promotion per registered model at a time (:func:`promotion_lock`, a
+Prefect global concurrency limit ``vecaf-promote-<name>`` with one slot); inside it the aliases are read,
+the models evaluated, and right before ``champion`` moves the aliases are read again
+(:func:`promote_if_unchanged`): if ``challenger`` or ``champion`` changed meanwhile, nothing moves and the
+decision says "refused-changed" with the versions before and now (the next promotion evaluates the new
+ones). A version not stored in the pipeline's pickle-free format is never loaded ("refused-format").
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -27,6 +35,10 @@ _TOLERANCE = 1e-9
 """Accuracies are fractions k/n: a gain within this of the margin counts as equal to it (float rounding)."""
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+PROMOTION_LOCK_TIMEOUT_S = 1800.0
+"""How long a promotion waits for another promotion of the same model before it fails."""
+_LEASE_S = 120.0
+"""Lease of the promotion slot: renewed every 90 s while held; a crashed holder frees it within 2 min."""
 
 
 def _already_exists(exc: Exception) -> bool:
@@ -75,12 +87,17 @@ def register_model(
 def read_aliases(tracking_uri: str, name: str) -> dict[str, Any]:
     """The versions behind ``challenger`` and ``champion`` (None when unset) with their tags and run ids.
 
+    Each version's storage format is checked (``tasks.tracking.check_stored_model``: MLflow's file listing and
+    the MLmodel YAML only, nothing deserialized); ``format_error`` says why a version may not be loaded.
+
     Returns:
-        ``{"name", "challenger": {"version", "run_id", "tags", "source", "class_names"} | None,
-        "champion": ... | None}`` (``class_names`` from the model's metadata, None when it has none).
+        ``{"name", "challenger": {"version", "run_id", "model_id", "tags", "source", "class_names",
+        "format_error"} | None, "champion": ... | None}`` (``class_names`` from the model's metadata, None
+        when it has none or is not in the pipeline's format; ``format_error`` None when it is).
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.models import get_model_info
+
+    from tasks.tracking import UnsafeModelError, check_stored_model, resolve_model_id
 
     out: dict[str, Any] = {"name": name, CHALLENGER: None, CHAMPION: None}
     with talking_to("MLflow tracking server", tracking_uri):
@@ -92,13 +109,22 @@ def read_aliases(tracking_uri: str, name: str) -> dict[str, Any]:
                 if getattr(exc, "error_code", "") in _MISSING:
                     continue
                 raise
-            meta = get_model_info(f"models:/{name}/{mv.version}").metadata or {}
+            meta: dict[str, Any] = {}
+            format_error = None
+            model_id = getattr(mv, "model_id", None)
+            try:
+                model_id = resolve_model_id(tracking_uri, f"models:/{name}/{mv.version}")
+                meta = check_stored_model(tracking_uri, model_id)["metadata"]
+            except UnsafeModelError as exc:
+                format_error = str(exc)
             out[alias] = {
                 "version": str(mv.version),
                 "run_id": mv.run_id,
+                "model_id": model_id,
                 "tags": dict(mv.tags),
                 "source": mv.source,
                 "class_names": meta.get("class_names"),
+                "format_error": format_error,
             }
     return out
 
@@ -124,35 +150,128 @@ def decide(challenger_top1: float, champion_top1: float | None, margin: float) -
     return False, f"challenger gains {gain:+.4f}, not more than margin {margin:.4f}: champion kept"
 
 
-def set_champion(tracking_uri: str, name: str, version: str) -> None:
-    """Point alias ``champion`` at ``version``."""
+def promotion_lock_name(name: str) -> str:
+    """The Prefect global concurrency limit that serialises promotions of registered model ``name``."""
+    return f"vecaf-promote-{name}"
+
+
+@contextlib.contextmanager
+def promotion_lock(name: str, *, timeout_s: float = PROMOTION_LOCK_TIMEOUT_S) -> Iterator[str]:
+    """Hold the one slot of the global concurrency limit ``vecaf-promote-<name>`` (created when missing).
+
+    Prefect's ``concurrency()`` skips a limit that does not exist unless ``strict=True``; the limit is
+    therefore created first (limit 1; a concurrent creation is fine) and taken strictly. The slot is a
+    Prefect lease (renewed while held, expiring ``lease_duration`` after a crashed holder stopped renewing
+    it), so a killed promotion does not block the next ones for good. It works wherever the Prefect API
+    does: the server of the stack, or the in-process ephemeral server when no ``PREFECT_API_URL`` is set
+    (then it only serialises promotions within that process).
+
+    Raises:
+        TimeoutError: another promotion held the lock for more than ``timeout_s`` seconds (named).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    limit = promotion_lock_name(name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(limit)
+        except Exception:  # noqa: BLE001 - ObjectNotFound, created below
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+            except ObjectAlreadyExists:
+                pass
+    try:
+        with concurrency(limit, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=_LEASE_S):
+            yield limit
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"another promotion of {name} held the lock {limit!r} (a Prefect global concurrency limit) for more "
+            f"than {timeout_s:.0f} s; see Prefect's Concurrency page, or try again later"
+        ) from exc
+
+
+def promote_if_unchanged(
+    tracking_uri: str, name: str, *, challenger: str, champion: str | None
+) -> tuple[bool, str | None]:
+    """Compare-and-set: point ``champion`` at version ``challenger`` only if both aliases are as evaluated.
+
+    The aliases are re-read right before the alias moves. MLflow has no atomic alias update, so this is a
+    check-then-set: it is exact against other promotions (they hold :func:`promotion_lock`), and it catches
+    a ``challenger`` moved by a new registration (or an alias moved by hand) while the models were evaluated.
+
+    Args:
+        tracking_uri: the MLflow server.
+        name: the registered model.
+        challenger: the version that was evaluated as the challenger.
+        champion: the version that was evaluated as the champion (None: there was none).
+
+    Returns:
+        ``(moved, why_not)``: ``why_not`` names the alias that changed and its versions before and now.
+    """
+    from mlflow.exceptions import MlflowException
+
     with talking_to("MLflow tracking server", tracking_uri):
-        mlflow_client(tracking_uri).set_registered_model_alias(name, CHAMPION, version)
+        client = mlflow_client(tracking_uri)
+        now: dict[str, str | None] = {}
+        for alias in (CHALLENGER, CHAMPION):
+            try:
+                now[alias] = str(client.get_model_version_by_alias(name, alias).version)
+            except MlflowException as exc:
+                if getattr(exc, "error_code", "") not in _MISSING:
+                    raise
+                now[alias] = None
+        changed = [
+            f"{alias} moved from version {was} to {now[alias]} during the evaluation"
+            for alias, was in ((CHALLENGER, challenger), (CHAMPION, champion))
+            if now[alias] != was
+        ]
+        if changed:
+            return False, "; ".join(changed)
+        client.set_registered_model_alias(name, CHAMPION, challenger)
+    return True, None
+
+
+def _outcome(decision: Mapping[str, Any]) -> str:
+    """promoted, kept-champion, refused-changed or refused-format (older decisions have only ``promoted``)."""
+    return decision.get("outcome") or ("promoted" if decision["promoted"] else "kept-champion")
+
+
+def _top1(evaluation: Mapping[str, Any] | None) -> str:
+    return "not evaluated" if evaluation is None else f"{evaluation['top1']:.6f}"
 
 
 def record_decision(tracking_uri: str, name: str, decision: Mapping[str, Any]) -> str:
     """Tag the challenger version and the registered model with the decision; publish a Prefect artifact.
 
+    The tags name the versions actually compared (``promotion.challenger_version``,
+    ``promotion.champion_version``) and what each scored on the held-out split ("not evaluated" when a model
+    was not loaded, e.g. refused for its format).
+
     Args:
         tracking_uri: the MLflow server.
         name: the registered model.
-        decision: the promote flow's decision (``challenger``, ``champion_before``, ``champion_after``,
-            ``promoted``, ``reason``, ``margin``, the two evaluations).
+        decision: the promote flow's decision (``outcome``, ``challenger``, ``champion_before``,
+            ``champion_after``, ``promoted``, ``reason``, ``margin``, the two evaluations or None).
 
     Returns:
         The markdown recorded.
     """
     challenger = decision["challenger"]
     before = decision.get("champion_before")
-    champion_eval = decision.get("champion_eval")
+    challenger_eval, champion_eval = decision.get("challenger_eval"), decision.get("champion_eval")
     tags = {
-        "promotion.decision": "promoted" if decision["promoted"] else "kept-champion",
-        "promotion.reason": decision["reason"],
+        "promotion.decision": _outcome(decision),
+        "promotion.reason": decision["reason"][:5000],
         "promotion.margin": f"{decision['margin']:.4f}",
-        "promotion.challenger_top1": f"{decision['challenger_eval']['top1']:.6f}",
+        "promotion.challenger_version": challenger["version"],
+        "promotion.challenger_top1": _top1(challenger_eval),
         "promotion.champion_version": "none" if before is None else before["version"],
-        "promotion.champion_top1": "none" if champion_eval is None else f"{champion_eval['top1']:.6f}",
-        "promotion.holdout_images": str(decision["challenger_eval"]["n"]),
+        "promotion.champion_top1": _top1(champion_eval),
+        "promotion.champion_after": "none" if decision.get("champion_after") is None else decision["champion_after"],
+        "promotion.holdout_images": "none" if challenger_eval is None else str(challenger_eval["n"]),
         "promotion.decided_at": decision["decided_at"],
         "promotion.prefect_flow_run": str(decision.get("flow_run_id")),
     }
@@ -171,24 +290,33 @@ def record_decision(tracking_uri: str, name: str, decision: Mapping[str, Any]) -
 
 
 def promotion_markdown(name: str, decision: Mapping[str, Any]) -> str:
-    """The decision as a markdown report."""
-    ch, ce = decision["challenger"], decision["challenger_eval"]
+    """The decision as a markdown report (it says which models were re-evaluated, and on how many images)."""
+    ch, ce = decision["challenger"], decision.get("challenger_eval")
     before, be = decision.get("champion_before"), decision.get("champion_eval")
     after = decision["champion_after"]
-    rows = [
-        "| | version | held-out top-1 | held-out loss |",
-        "|---|---|---|---|",
-        f"| challenger | {ch['version']} | {ce['top1']:.4f} | {ce['loss']:.4f} |",
-    ]
-    if before is not None and be is not None:
-        rows.append(f"| champion (before) | {before['version']} | {be['top1']:.4f} | {be['loss']:.4f} |")
+
+    def row(role: str, version: str, evaluation: Mapping[str, Any] | None) -> str:
+        if evaluation is None:
+            return f"| {role} | {version} | not evaluated | not evaluated |"
+        return f"| {role} | {version} | {evaluation['top1']:.4f} | {evaluation['loss']:.4f} |"
+
+    rows = ["| | version | held-out top-1 | held-out loss |", "|---|---|---|---|", row("challenger", ch["version"], ce)]
+    if before is not None:
+        rows.append(row("champion (before)", before["version"], be))
+    evaluated = [who for who, e in (("challenger", ce), ("champion", be)) if e is not None]
+    if len(evaluated) == 2:
+        how = f"both models re-evaluated on the same {ce['n']} held-out images."
+    elif evaluated:
+        n = (ce or be)["n"]
+        how = f"only the {evaluated[0]} re-evaluated, on {n} held-out images."
+    else:
+        how = "no model evaluated."
     verdict = "**promoted**" if decision["promoted"] else "**not promoted**"
     return "\n".join(
         [
-            f"# Promotion of `{name}`: {verdict}",
+            f"# Promotion of `{name}`: {verdict} ({_outcome(decision)})",
             "",
-            f"{decision['reason']}. Margin {decision['margin']:.4f}; both models re-evaluated on the same "
-            f"{ce['n']} held-out images.",
+            f"{decision['reason']}. Margin {decision['margin']:.4f}; {how}",
             "",
             *rows,
             "",
@@ -219,10 +347,16 @@ def read_aliases_task(tracking_uri: str, name: str) -> dict[str, Any]:
 
 
 @task(name="promote-champion", **SERVER_TASK)
-def set_champion_task(tracking_uri: str, name: str, version: str) -> None:
-    """Prefect task around :func:`set_champion`."""
-    set_champion(tracking_uri, name, version)
-    get_run_logger().info("%s@champion -> version %s", name, version)
+def promote_if_unchanged_task(
+    tracking_uri: str, name: str, challenger: str, champion: str | None
+) -> dict[str, Any]:
+    """Prefect task around :func:`promote_if_unchanged`: ``{"moved", "why_not"}``."""
+    moved, why_not = promote_if_unchanged(tracking_uri, name, challenger=challenger, champion=champion)
+    if moved:
+        get_run_logger().info("%s@champion -> version %s (was %s)", name, challenger, champion)
+    else:
+        get_run_logger().warning("%s@champion not moved: %s", name, why_not)
+    return {"moved": moved, "why_not": why_not}
 
 
 @task(name="record-promotion", **SERVER_TASK)

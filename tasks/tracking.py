@@ -57,7 +57,7 @@ _CONNECTION_MARKERS = (
 
 
 class EndpointUnreachableError(ConnectionError):
-    """A server of the stack (MLflow, S3) did not answer; the message names its endpoint."""
+    """A server (MLflow, or S3 behind it or called directly) did not answer; the message names it and its URL."""
 
 
 def _looks_like_connection_error(exc: BaseException) -> bool:
@@ -73,14 +73,103 @@ def _looks_like_connection_error(exc: BaseException) -> bool:
     return any(marker in text for marker in _CONNECTION_MARKERS)
 
 
+MLFLOW_SERVER = "MLflow tracking server"
+_ARTIFACT_PROXY_PATH = "/mlflow-artifacts/"
+"""Requests under this path go through MLflow's artifact proxy, which forwards them to the S3 store."""
+
+
+def artifact_store_endpoint() -> str | None:
+    """The S3 endpoint behind MLflow's artifact proxy, as this process knows it (None when it does not).
+
+    From the settings' ``services.s3_endpoint_url`` when that exists, else ``MLFLOW_S3_ENDPOINT_URL``,
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (the stack's client environment sets the first two).
+    """
+    try:
+        from vecaf.settings import load_settings
+
+        services = getattr(load_settings(), "services", None)
+        url = getattr(services, "s3_endpoint_url", None)
+        if url:
+            return str(url)
+    except Exception:  # noqa: BLE001 - naming the store is a courtesy; the error being raised matters more
+        pass
+    for key in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(key):
+            return os.environ[key]
+    return None
+
+
+def _http_status(url: str, *, timeout: float = 5.0) -> int | None:
+    """The HTTP status a GET of ``url`` answers (None when nothing answers)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _server_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(marker in text for marker in ("500 error responses", "502 error", "503 error", "504 error")) or (
+        getattr(exc, "error_code", "") in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    )
+
+
+def blame(exc: BaseException, tracking_uri: str) -> EndpointUnreachableError | None:
+    """Which part failed when a call to the MLflow server did: MLflow itself, or S3 behind its artifact proxy.
+
+    MLflow's artifact proxy answers HTTP 500 with no detail when its S3 store is down, and MLflow's client
+    reports that as "Max retries exceeded". So: when MLflow's ``/health`` answers 200 and the failing request
+    went through the proxy (``/mlflow-artifacts/``), a listing of the proxy's root is tried; when that fails
+    too (5xx), the S3 store is named, with its endpoint when known (:func:`artifact_store_endpoint`).
+
+    Returns:
+        The error to raise instead of ``exc``, or None when ``exc`` is not a connection or server failure.
+    """
+    if not (_looks_like_connection_error(exc) or _server_error(exc)):
+        return None
+    root = tracking_uri.rstrip("/")
+    detail = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if _http_status(f"{root}/health") != 200:
+        return EndpointUnreachableError(
+            f"{MLFLOW_SERVER} at {tracking_uri} is unreachable ({detail}); "
+            "is the stack up (`vecaf stack up`, `vecaf stack status`)?"
+        )
+    if _ARTIFACT_PROXY_PATH in str(exc):
+        status = _http_status(f"{root}/api/2.0/mlflow-artifacts/artifacts?path=")
+        if status is None or status >= 500:
+            store = artifact_store_endpoint()
+            where = f"S3 endpoint {store}" if store else "the S3 store"
+            return EndpointUnreachableError(
+                f"{where} (behind MLflow's artifact proxy at {tracking_uri}) is unreachable: MLflow answers "
+                f"/health, but its artifact proxy answers HTTP {status} ({detail}); is the S3 server up "
+                "(`vecaf stack status`)?"
+            )
+    return EndpointUnreachableError(
+        f"{MLFLOW_SERVER} at {tracking_uri} failed ({detail}); it answers /health now, so retry, or see its log"
+    )
+
+
 @contextlib.contextmanager
 def talking_to(what: str, endpoint: str) -> Iterator[None]:
-    """Turn a connection failure inside the block into :class:`EndpointUnreachableError` naming ``endpoint``."""
+    """Turn a connection failure inside the block into :class:`EndpointUnreachableError` naming the failing part.
+
+    For the MLflow tracking server, :func:`blame` decides whether MLflow or the S3 store behind its artifact
+    proxy failed; for any other endpoint (a direct S3 call) the endpoint itself is named.
+    """
     try:
         yield
     except EndpointUnreachableError:
         raise
     except Exception as exc:
+        if what == MLFLOW_SERVER:
+            error = blame(exc, endpoint)
+            if error is not None:
+                raise error from exc
+            raise
         if _looks_like_connection_error(exc):
             raise EndpointUnreachableError(
                 f"{what} at {endpoint} is unreachable ({type(exc).__name__}: {str(exc)[:300]}); "
@@ -230,7 +319,7 @@ def start_run(
     """
     from mlflow.entities import DatasetInput, InputTag, Param, RunTag
 
-    with talking_to("MLflow tracking server", tracking_uri):
+    with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
         exp = client.get_experiment_by_name(experiment)
         experiment_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
@@ -342,113 +431,299 @@ def log_loop(
     return cid
 
 
+MODEL_FLAVOR = "vecaf_classifier"
+"""The MLmodel flavor of a classifier stored by ``vecaf.models.classifier`` (JSON config + safetensors)."""
+MODEL_FILES = ("MLmodel", "config.json", "model.safetensors")
+"""The files a logged model of this pipeline has, all of them: no other file is ever read or accepted."""
+
+
+def _model_dir_config(model_dir: str) -> dict[str, Any]:
+    from vecaf.models.classifier import CONFIG_FILE, WEIGHTS_FILE, check_classifier_config
+
+    root = Path(model_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"{root / name} is missing: {model_dir} is not a folder written by save_classifier")
+    config = json.loads((root / CONFIG_FILE).read_text())
+    check_classifier_config(config)
+    return config
+
+
+def _mlmodel(
+    model_id: str, run_id: str, artifact_location: str, config: Mapping[str, Any], metadata: Mapping[str, Any]
+) -> Any:
+    """The MLmodel description: flavor ``vecaf_classifier`` only (no python_function: nothing to unpickle)."""
+    import safetensors
+    import timm
+    import torch
+    from mlflow.models import Model
+
+    from vecaf.models.classifier import CLASSIFIER_FORMAT, CLASSIFIER_FORMAT_VERSION, CONFIG_FILE, WEIGHTS_FILE
+
+    mlmodel = Model(
+        artifact_path=artifact_location, run_id=run_id, model_uuid=model_id, model_id=model_id,
+        metadata=dict(metadata),
+    )  # fmt: skip
+    mlmodel.add_flavor(
+        MODEL_FLAVOR,
+        format=CLASSIFIER_FORMAT,
+        format_version=CLASSIFIER_FORMAT_VERSION,
+        config=CONFIG_FILE,
+        weights=WEIGHTS_FILE,
+        weights_sha256=config.get("weights_sha256"),
+        arch=config["arch"],
+        torch_version=torch.__version__.split("+")[0],
+        timm_version=timm.__version__,
+        safetensors_version=safetensors.__version__,
+        loader="vecaf.models.classifier.load_classifier",
+    )
+    return mlmodel
+
+
 def log_model(
     tracking_uri: str,
     run_id: str,
-    model_path: str,
+    model_dir: str,
     *,
     metadata: Mapping[str, Any],
-    input_shape: tuple[int, ...],
     final_metrics: Mapping[str, float],
     result_path: str | None = None,
 ) -> dict[str, str]:
-    """Log the trained network to the parent run as an MLflow PyTorch model (artifacts go to S3).
+    """Log the trained network to the parent run as an MLflow logged model, without pickle (artifacts go to S3).
 
-    The whole network is logged (backbone + trained head in ``head`` mode), so promotion can re-evaluate it
-    on images. Its MLmodel metadata holds the preprocessing (timm data config), the class names and the PVM.
+    The model's artifacts are ``MLmodel`` (flavor ``vecaf_classifier``; its metadata holds the preprocessing,
+    the class names and the PVM), ``config.json`` (the architecture) and ``model.safetensors`` (the weights),
+    as ``vecaf.models.classifier.save_classifier`` wrote them: promotion rebuilds the network from the config
+    and loads the weights with strict checks, so a stored model can never run code.
+
+    The logged model is created PENDING, its files uploaded, then finalized READY; when anything fails
+    midway it is finalized FAILED before the error is raised, so no half-logged model stays PENDING.
 
     Args:
         tracking_uri: the MLflow server.
         run_id: the parent run.
-        model_path: the pickled ``torch.nn.Module`` written by the last ``train-loop``.
+        model_dir: the folder written by ``save_classifier`` (``config.json`` + ``model.safetensors``).
         metadata: MLmodel metadata (JSON-ready).
-        input_shape: (3, S, S): one normalised image; the input example is a batch of one zero image.
         final_metrics: metrics of the final model (``test_top1``...), logged as ``final_*``.
         result_path: the engine's full result JSON, logged as ``training/result.json``.
 
     Returns:
         ``{"model_id", "model_uri", "artifact_uri"}`` (``models:/<model_id>`` and where its files are).
     """
-    import numpy as np
-    import torch
+    import shutil
+    import tempfile
 
-    model = torch.load(model_path, map_location="cpu", weights_only=False)
-    model.eval()
-    example = np.zeros((1, *input_shape), dtype=np.float32)
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from vecaf.models.classifier import CONFIG_FILE, WEIGHTS_FILE
+
+    config = _model_dir_config(model_dir)
     ts = int(time.time() * 1000)
-    with talking_to("MLflow tracking server", tracking_uri):
+    with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
-        import mlflow
-        import mlflow.pytorch
-        import timm
-
-        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            input_example=example,
-            pip_requirements=requirements,
-            metadata=dict(metadata),
-            serialization_format="pickle",
-            run_id=run_id,
-        )
+        experiment_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(
+            experiment_id, name="model", source_run_id=run_id, model_type=MODEL_FLAVOR,
+            tags={"vecaf.format": f"{config['format']}/{config['format_version']}"},
+        )  # fmt: skip
+        try:
+            client.log_outputs(run_id=run_id, models=[LoggedModelOutput(logged.model_id, step=0)])
+            with tempfile.TemporaryDirectory(prefix="vecaf-model-") as tmp:
+                for name in (CONFIG_FILE, WEIGHTS_FILE):
+                    shutil.copyfile(Path(model_dir) / name, Path(tmp) / name)
+                _mlmodel(logged.model_id, run_id, logged.artifact_location, config, metadata).save(
+                    str(Path(tmp) / "MLmodel")
+                )
+                client.log_model_artifacts(logged.model_id, tmp)
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        except BaseException:
+            _fail_logged_model(client, logged.model_id)
+            raise
         if result_path:
             client.log_artifact(run_id, result_path, "training")
         _log_metrics(client, run_id, [_metric(f"final_{k}", v, 0, ts) for k, v in final_metrics.items()])
-        logged = client.get_logged_model(info.model_id)
     return {
-        "model_id": info.model_id,
-        "model_uri": info.model_uri,
+        "model_id": logged.model_id,
+        "model_uri": f"models:/{logged.model_id}",
         "artifact_uri": logged.artifact_location,
     }
 
 
-def verify_model_artifacts(
-    stack: Any, artifact_uri: str, *, required: tuple[str, ...] = ("MLmodel",)
-) -> dict[str, Any]:
-    """Check with boto3 that the model's files are in the bucket (registration happens only after this).
+def _fail_logged_model(client: Any, model_id: str) -> None:
+    """Finalize a half-logged model FAILED (best effort: the original error is the one to report)."""
+    from mlflow.entities import LoggedModelStatus
 
-    Args:
-        stack: the ``StackSettings`` (S3 endpoint, keys, bucket).
-        artifact_uri: the model's artifact location (``mlflow-artifacts:/...``).
-        required: file names that must be among the objects.
+    try:
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    except Exception:  # noqa: BLE001 - a dead server cannot be told; reconciliation fails it later
+        pass
 
-    Returns:
-        ``{"s3_uri", "objects": [keys], "bytes": total size}``.
+
+def list_model_files(tracking_uri: str, model_id: str) -> list[tuple[str, int]]:
+    """Every file of a logged model, as MLflow lists them: ``[(relative path, size in bytes)]``."""
+    with talking_to(MLFLOW_SERVER, tracking_uri):
+        client = mlflow_client(tracking_uri)
+        files: list[tuple[str, int]] = []
+        pending: list[str | None] = [None]
+        while pending:
+            folder = pending.pop()
+            for info in client.list_logged_model_artifacts(model_id, folder):
+                if info.is_dir:
+                    pending.append(info.path)
+                else:
+                    files.append((info.path, int(info.file_size or 0)))
+    return sorted(files)
+
+
+class UnsafeModelError(ValueError):
+    """A stored model is not in the ``vecaf_classifier`` format (config + safetensors): it is never loaded."""
+
+
+def resolve_model_id(tracking_uri: str, model_uri: str) -> str:
+    """The logged model behind ``models:/<name>/<version>`` or ``models:/<model_id>``.
 
     Raises:
-        EndpointUnreachableError: the S3 endpoint does not answer (named in the message).
-        FileNotFoundError: a required file is missing.
+        UnsafeModelError: the version has no logged model (registered from a run's files, not by this pipeline).
     """
-    from infra.stack import s3_client, stack_urls
+    prefix = "models:/"
+    if not model_uri.startswith(prefix):
+        raise ValueError(f"model URI {model_uri!r} is not models:/<name>/<version> or models:/<model_id>")
+    parts = model_uri[len(prefix) :].strip("/").split("/")
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) != 2:
+        raise ValueError(f"model URI {model_uri!r} is not models:/<name>/<version> or models:/<model_id>")
+    with talking_to(MLFLOW_SERVER, tracking_uri):
+        version = mlflow_client(tracking_uri).get_model_version(parts[0], parts[1])
+    model_id = getattr(version, "model_id", None)
+    source = str(version.source or "")
+    if not model_id and source.startswith(prefix) and "/" not in source[len(prefix) :]:
+        model_id = source[len(prefix) :]  # the REST API gives the logged model as the source, not always model_id
+    if not model_id:
+        raise UnsafeModelError(
+            f"{model_uri} has no logged model (source {source!r}): not stored by this pipeline, not loaded"
+        )
+    return str(model_id)
 
-    uri = s3_location(artifact_uri, stack.bucket)
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    endpoint = stack_urls(stack)["s3_endpoint_url"]
-    keys: list[str] = []
-    size = 0
-    with talking_to("S3 endpoint", endpoint):
-        client = s3_client(stack, timeout=5.0)
-        paginator = client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
-            for obj in page.get("Contents", []):
-                keys.append(obj["Key"])
-                size += int(obj["Size"])
-    names = {k.rsplit("/", 1)[-1] for k in keys}
+
+def check_stored_model(tracking_uri: str, model_id: str) -> dict[str, Any]:
+    """Check, before anything is deserialized, that a logged model is a ``vecaf_classifier`` (no pickle).
+
+    Only MLflow's file listing and the ``MLmodel`` YAML (read with ``yaml.safe_load``) are looked at: the
+    files must be exactly :data:`MODEL_FILES` and ``MLmodel`` must declare the ``vecaf_classifier`` flavor of
+    this format version. Anything else (a ``pytorch`` flavor, a ``.pth``/``.pkl`` file, a python_function
+    loader) is refused.
+
+    Returns:
+        ``{"model_id", "artifact_uri", "metadata", "flavor"}``.
+
+    Raises:
+        UnsafeModelError: the model is in another format; the message says what was found.
+    """
+    import tempfile
+
+    import yaml
+
+    from vecaf.models.classifier import CLASSIFIER_FORMAT, CLASSIFIER_FORMAT_VERSION
+
+    files = {path for path, _ in list_model_files(tracking_uri, model_id)}
+    if files != set(MODEL_FILES):
+        raise UnsafeModelError(
+            f"logged model {model_id} holds {sorted(files)}, not exactly {list(MODEL_FILES)} (the {MODEL_FLAVOR} "
+            "format: JSON config + safetensors weights); it is not loaded (a pickled model could run code)"
+        )
+    with talking_to(MLFLOW_SERVER, tracking_uri):
+        client = mlflow_client(tracking_uri)
+        logged = client.get_logged_model(model_id)
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory(prefix="vecaf-mlmodel-") as tmp:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{logged.artifact_location.rstrip('/')}/MLmodel", dst_path=tmp, tracking_uri=tracking_uri
+            )
+            text = Path(path).read_text()
+    try:
+        mlmodel = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UnsafeModelError(f"logged model {model_id}: its MLmodel is not valid YAML ({exc})") from exc
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    flavor = flavors.get(MODEL_FLAVOR) if isinstance(flavors, dict) else None
+    if not isinstance(flavor, dict):
+        found = sorted(flavors) if isinstance(flavors, dict) else flavors
+        raise UnsafeModelError(
+            f"logged model {model_id} has flavors {found}, not {MODEL_FLAVOR}: it is not loaded (only models stored "
+            "as JSON config + safetensors weights are, never pickles)"
+        )
+    if flavor.get("format") != CLASSIFIER_FORMAT or flavor.get("format_version") != CLASSIFIER_FORMAT_VERSION:
+        raise UnsafeModelError(
+            f"logged model {model_id} is {flavor.get('format')!r} version {flavor.get('format_version')!r}, not "
+            f"{CLASSIFIER_FORMAT!r} version {CLASSIFIER_FORMAT_VERSION}: it is not loaded"
+        )
+    metadata = mlmodel.get("metadata") if isinstance(mlmodel.get("metadata"), dict) else {}
+    return {"model_id": model_id, "artifact_uri": logged.artifact_location, "metadata": metadata, "flavor": flavor}
+
+
+def load_stored_model(tracking_uri: str, model_uri: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Check a logged model (:func:`check_stored_model`), then download its config and weights and rebuild it.
+
+    Returns:
+        ``(model, config, metadata)``: the network on the CPU in eval mode (``vecaf.models.classifier``
+        rebuilt it from the JSON config and loaded the safetensors weights with strict checks).
+    """
+    import tempfile
+
+    import mlflow.artifacts
+
+    from vecaf.models.classifier import CONFIG_FILE, WEIGHTS_FILE, load_classifier
+
+    stored = check_stored_model(tracking_uri, resolve_model_id(tracking_uri, model_uri))
+    with tempfile.TemporaryDirectory(prefix="vecaf-model-") as tmp:
+        with talking_to(MLFLOW_SERVER, tracking_uri):
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{stored['artifact_uri'].rstrip('/')}/{name}", dst_path=tmp, tracking_uri=tracking_uri
+                )
+        model, config = load_classifier(tmp)
+    return model, config, stored["metadata"]
+
+
+def verify_model_artifacts(
+    tracking_uri: str, model_id: str, *, required: tuple[str, ...] = MODEL_FILES
+) -> dict[str, Any]:
+    """Check with MLflow's own listing that the logged model's files are stored (registration only after this).
+
+    Args:
+        tracking_uri: the MLflow server (its artifact proxy lists the files from the store behind it).
+        model_id: the logged model.
+        required: file names that must be among its files.
+
+    Returns:
+        ``{"artifact_uri", "files": [paths], "bytes": total size}``.
+
+    Raises:
+        EndpointUnreachableError: MLflow, or the S3 store behind its proxy, does not answer (named).
+        FileNotFoundError: a required file is missing, or a file is empty.
+    """
+    files = list_model_files(tracking_uri, model_id)
+    with talking_to(MLFLOW_SERVER, tracking_uri):
+        logged = mlflow_client(tracking_uri).get_logged_model(model_id)
+    names = {path for path, _ in files}
     missing = [r for r in required if r not in names]
     if missing:
-        raise FileNotFoundError(f"the model's files {missing} are not in {uri} (found {len(keys)} objects)")
-    if not any(k.endswith((".pth", ".pt", ".pt2")) for k in keys):
-        raise FileNotFoundError(f"no model weights (.pth/.pt/.pt2) under {uri} (found {sorted(names)})")
-    return {"s3_uri": uri, "objects": keys, "bytes": size}
+        raise FileNotFoundError(
+            f"logged model {model_id} lacks {missing} in {logged.artifact_location} (MLflow lists {sorted(names)})"
+        )
+    empty = [path for path, size in files if path in required and size <= 0]
+    if empty:
+        raise FileNotFoundError(f"logged model {model_id} has empty files {empty} in {logged.artifact_location}")
+    return {"artifact_uri": logged.artifact_location, "files": [p for p, _ in files], "bytes": sum(s for _, s in files)}
 
 
 def end_run(tracking_uri: str, run_id: str, *, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
     """Mark the run FINISHED (or FAILED/KILLED) and add final tags."""
     from mlflow.entities import RunTag
 
-    with talking_to("MLflow tracking server", tracking_uri):
+    with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
         if tags:
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -496,27 +771,25 @@ def log_loop_task(
 def log_model_task(
     tracking_uri: str,
     run_id: str,
-    model_path: str,
+    model_dir: str,
     metadata: dict[str, Any],
-    input_shape: tuple[int, ...],
     final_metrics: dict[str, float],
     result_path: str | None = None,
 ) -> dict[str, str]:
     """Prefect task around :func:`log_model`."""
     out = log_model(
-        tracking_uri, run_id, model_path, metadata=metadata, input_shape=tuple(input_shape),
-        final_metrics=final_metrics, result_path=result_path,
-    )  # fmt: skip
+        tracking_uri, run_id, model_dir, metadata=metadata, final_metrics=final_metrics, result_path=result_path
+    )
     get_run_logger().info("logged model %s (%s)", out["model_id"], out["artifact_uri"])
     return out
 
 
 @task(name="verify-model-artifacts", **SERVER_TASK)
-def verify_model_artifacts_task(stack: Any, artifact_uri: str) -> dict[str, Any]:
-    """Prefect task around :func:`verify_model_artifacts` (small result: the key list is dropped)."""
-    out = verify_model_artifacts(stack, artifact_uri)
-    get_run_logger().info("model files in %s: %d objects, %d bytes", out["s3_uri"], len(out["objects"]), out["bytes"])
-    return {"s3_uri": out["s3_uri"], "count": len(out["objects"]), "bytes": out["bytes"]}
+def verify_model_artifacts_task(tracking_uri: str, model_id: str) -> dict[str, Any]:
+    """Prefect task around :func:`verify_model_artifacts` (small result: the file list is dropped)."""
+    out = verify_model_artifacts(tracking_uri, model_id)
+    get_run_logger().info("model files in %s: %d files, %d bytes", out["artifact_uri"], len(out["files"]), out["bytes"])
+    return {"artifact_uri": out["artifact_uri"], "count": len(out["files"]), "bytes": out["bytes"]}
 
 
 @task(name="mlflow-end-run", **SERVER_TASK)

@@ -16,8 +16,9 @@ engine's first pool pass.
 
 Outputs are files under ``<work_dir>/runs/<run id>/`` (never Prefect results): ``checkpoints/loop-<l>.pt``,
 ``loop-<l>.json`` (the loop record, its evaluations and its per-batch training loss), ``picks-loop-<l>.parquet``
-(image id, label, loss, centroid, caption), and after the last loop ``model.pt`` (the whole network:
-backbone + trained head, so it classifies images) and ``result.json``.
+(image id, label, loss, centroid, caption), and after the last loop ``model/`` (the whole network:
+backbone + trained head, so it classifies images, as ``vecaf.models.classifier`` stores it without pickle:
+``config.json`` + ``model.safetensors``) and ``result.json``.
 
 ``compute-losses`` writes L_i of every pool image under the model at the end of loop l to the Feast
 ``sample_losses`` view (model version = the MLflow run id, loop = l), the losses the next loop selects with.
@@ -321,10 +322,15 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
     if last:
         if result is None or result.model is None:
             raise RuntimeError("the engine returned no model after the last loop")
-        import torch
+        from vecaf.models.classifier import classifier_config, save_classifier
 
-        model_path = run_dir / "model.pt"
-        torch.save(result.model.cpu().eval(), model_path)
+        model_path = run_dir / "model"
+        network = result.model.cpu().eval()
+        config = classifier_config(
+            inputs["pvm"], network, class_names=spec.class_names, mode=spec.training.mode,
+            image_size=spec.data.image_size,
+        )  # fmt: skip
+        save_classifier(network, config, model_path)
         result_path = run_dir / "result.json"
         _write_json(result_path, result.to_dict())
         out.update(model=str(model_path), result=str(result_path), final_top1=float(result.top1))
@@ -395,32 +401,26 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Top-1 and cross-entropy of a logged model on the held-out split, computed here from the images.
 
-    The model's MLmodel metadata gives its preprocessing (``data_config``) and class names; the class names
-    must equal the held-out dataset's.
+    The model is loaded without pickle (``tasks.tracking.load_stored_model``: its format is checked before
+    anything is read, then the network is rebuilt from its JSON config and its safetensors weights). Its
+    MLmodel metadata gives its preprocessing (``data_config``) and class names; the class names must equal
+    the held-out dataset's.
 
     Returns:
         ``{"model_uri", "top1", "loss", "n", "per_class": [C]}``.
+
+    Raises:
+        tasks.tracking.UnsafeModelError: the model is not stored as config + safetensors (never loaded).
     """
     import torch
     import torch.nn.functional as F
 
-    import mlflow.pytorch
-    from mlflow.models import get_model_info
-
-    from tasks.tracking import mlflow_client, talking_to
-    from vecaf.models.pvm import PVMTransform
+    from tasks.tracking import load_stored_model
     from vecaf.models._runtime import device_of
+    from vecaf.models.pvm import PVMTransform
     from vecaf.train.evaluate import per_class_accuracy, top1_accuracy
 
-    with talking_to("MLflow tracking server", tracking_uri):
-        mlflow_client(tracking_uri)
-        info = get_model_info(model_uri)
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    meta = info.metadata or {}
-    if "data_config" not in meta or "class_names" not in meta:
-        raise ValueError(
-            f"model {model_uri} has no preprocessing/class names in its metadata; it was not logged by this pipeline"
-        )
+    model, meta, _mlmodel_metadata = load_stored_model(tracking_uri, model_uri)
     dataset = load_split(data, data.test_split)
     if list(meta["class_names"]) != list(dataset.class_names):
         raise ValueError(

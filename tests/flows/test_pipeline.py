@@ -156,15 +156,17 @@ def test_mlflow_run_has_loops_datasets_config_and_registered_version(pipeline):
 
 
 def test_bucket_holds_the_model_files(pipeline, env):
-    uri = pipeline.mlflow_run.data.tags["s3_model_uri"]
+    from tasks.tracking import s3_location
+
+    uri = s3_location(pipeline.mlflow_run.data.tags["model_artifact_uri"], env.bucket)
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     assert bucket == env.bucket
     s3 = env.s3_client()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])]
     names = {k[len(prefix) + 1 :] for k in keys}
-    assert {"MLmodel", "data/model.pth"} <= names
+    assert names == {"MLmodel", "config.json", "model.safetensors"}  # no pickle anywhere
     body = s3.get_object(Bucket=bucket, Key=f"{prefix}/MLmodel")["Body"].read().decode()
-    assert "pytorch" in body and "class_names" in body
+    assert "vecaf_classifier" in body and "class_names" in body and "pytorch" not in body
     run = pipeline.mlflow_run
     run_prefix = f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/config/"
     assert s3.list_objects_v2(Bucket=bucket, Prefix=run_prefix)["KeyCount"] == 3
@@ -240,28 +242,25 @@ def test_out_of_range_parameters_are_refused_before_any_work(pipeline):
 def test_worse_challenger_leaves_the_champion(pipeline, env, tmp_path):
     import torch
 
-    import mlflow.pytorch
     from flows.promote import promote
     from tasks.registry import read_aliases, register_model
-    from tasks.tracking import log_model
+    from tasks.tracking import load_stored_model, log_model
+    from vecaf.models.classifier import save_classifier
 
     client = pipeline.client
     before = read_aliases(env.mlflow_url, MODEL)
     champion = before["champion"]
-    assert champion is not None
-    model = mlflow.pytorch.load_model(f"models:/{MODEL}/{champion['version']}")
+    assert champion is not None and champion["format_error"] is None
+    model, config, meta = load_stored_model(env.mlflow_url, f"models:/{MODEL}/{champion['version']}")
     classifier = model.get_classifier()
     with torch.no_grad():
         classifier.weight.zero_()
         classifier.bias.zero_()
         classifier.bias[0] = 1.0  # always predicts class 0: about 1/10 of the held-out images
-    path = tmp_path / "worse.pt"
-    torch.save(model, path)
+    save_classifier(model, {k: v for k, v in config.items() if k != "weights_sha256"}, tmp_path / "worse")
     info = client.get_model_version(MODEL, champion["version"])
-    meta = mlflow.models.get_model_info(f"models:/{MODEL}/{champion['version']}").metadata
     run = client.create_run(client.get_experiment_by_name("vecaf-test").experiment_id, run_name="worse-challenger")
-    logged = log_model(env.mlflow_url, run.info.run_id, str(path), metadata=meta,
-                       input_shape=tuple(meta["data_config"]["input_size"]), final_metrics={})  # fmt: skip
+    logged = log_model(env.mlflow_url, run.info.run_id, str(tmp_path / "worse"), metadata=meta, final_metrics={})
     client.set_terminated(run.info.run_id)
     worse = register_model(env.mlflow_url, MODEL, model_uri=logged["model_uri"], model_id=logged["model_id"],
                            run_id=run.info.run_id, tags={"note": "deliberately worse"})  # fmt: skip
@@ -279,6 +278,7 @@ def test_worse_challenger_leaves_the_champion(pipeline, env, tmp_path):
     tags = client.get_model_version(MODEL, worse["version"]).tags
     assert tags["promotion.decision"] == "kept-champion"
     assert tags["promotion.champion_version"] == champion["version"]
+    assert tags["promotion.challenger_version"] == worse["version"]
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 

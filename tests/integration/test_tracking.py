@@ -1,9 +1,9 @@
 """MLflow and S3 faults against the real stack: retries, errors that name the endpoint, nothing half-registered.
 
 - An MLflow server that does not answer: the task retries, then fails naming the tracking URI.
-- An S3 endpoint that does not answer during ``finetune``: the model is logged (the tracking server proxies
-  its artifacts), the boto3 check of the bucket retries and fails naming the endpoint, no model version
-  is created and the MLflow run ends FAILED.
+- The S3 store behind MLflow's artifact proxy killed while ``finetune`` logs its model: the upload is retried,
+  then fails naming the S3 endpoint (not MLflow), each half-logged model is FAILED, no model version is
+  created and the MLflow run ends FAILED.
 - A registration whose alias step fails on the server: the version just created is deleted again.
 """
 
@@ -71,38 +71,58 @@ def test_unreachable_mlflow_is_retried_then_named(env, free_port, tmp_path):
 
 
 @pytest.mark.slow
-def test_unreachable_s3_fails_before_registration(env, monkeypatch, free_port):
+def test_unreachable_s3_fails_before_registration(env, monkeypatch, tmp_path, stack_settings):
+    """S3 behind MLflow killed while ``finetune`` logs its model: S3 is named, nothing is registered."""
+    import os
+    import re
+    import signal
+
+    from mlflow.entities import LoggedModelStatus
+
+    import flows.finetune as finetune_flow
     from flows.caption import caption
     from flows.featurize import featurize
-    from flows.finetune import finetune
+    from infra.stack import read_record, running_stack, stack_urls
     from tasks.tracking import mlflow_client
 
     caption(data=DATA)
     featurize(data=DATA)
-    s3_port = free_port()
-    monkeypatch.setenv("VECAF_STACK__S3_PORT", str(s3_port))
-    registry = RegistryParams(experiment=EXPERIMENT, model_name="vecaf-test-unregistered")
-    training = TrainingParams(method="random", cea=False, ratio=0.02, loops=1, batch_budget=4, batch_size=8)
-    state = finetune(data=DATA, training=training, registry=registry, return_state=True)
-    assert state.is_failed()
-    with pytest.raises(ConnectionError, match=rf"S3 endpoint at http://127\.0\.0\.1:{s3_port} is unreachable"):
-        state.result()
-    names = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(state.state_details.flow_run_id)}
-    assert names["mlflow-log-model"].state.is_completed()
-    assert names["verify-model-artifacts"].state.is_failed() and names["verify-model-artifacts"].run_count == 3
-    assert "register-model" not in names
+    own = stack_settings(tmp_path / "state")  # S3 + MLflow of its own, so killing S3 spares the session's
+    with running_stack(own, only=["mlflow"], timeout=300.0):
+        urls = stack_urls(own)
+        monkeypatch.setenv("VECAF_STACK__MLFLOW_PORT", str(own.mlflow_port))
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", urls["s3_endpoint_url"])
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", urls["s3_endpoint_url"])
+        log_model_task = finetune_flow.log_model_task
 
-    client = mlflow_client(env.mlflow_url)
-    [run] = client.search_runs(
-        [client.get_experiment_by_name(EXPERIMENT).experiment_id],
-        filter_string=f"tags.prefect_flow_run_id = '{state.state_details.flow_run_id}'",
-    )
-    assert run.info.status == "FAILED"
-    assert client.search_model_versions(f"run_id = '{run.info.run_id}'") == []
+        def kill_s3_then_log(*args, **kwargs):
+            os.kill(read_record(own, "s3").pid, signal.SIGKILL)
+            return log_model_task.with_options(retry_delay_seconds=0)(*args, **kwargs)
+
+        monkeypatch.setattr(finetune_flow, "log_model_task", kill_s3_then_log)
+        registry = RegistryParams(experiment=EXPERIMENT, model_name="vecaf-test-unregistered")
+        training = TrainingParams(method="random", cea=False, ratio=0.02, loops=1, batch_budget=4, batch_size=8)
+        state = finetune_flow.finetune(data=DATA, training=training, registry=registry, return_state=True)
+        assert state.is_failed()
+        s3 = re.escape(urls["s3_endpoint_url"])
+        with pytest.raises(ConnectionError, match=rf"S3 endpoint {s3} \(behind MLflow's artifact proxy"):
+            state.result()
+        names = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(state.state_details.flow_run_id)}
+        assert names["mlflow-log-model"].state.is_failed() and names["mlflow-log-model"].run_count == 3
+        assert "verify-model-artifacts" not in names and "register-model" not in names
+
+        client = mlflow_client(urls["mlflow_url"])
+        experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+        [run] = client.search_runs(
+            [experiment_id], filter_string=f"tags.prefect_flow_run_id = '{state.state_details.flow_run_id}'"
+        )
+        assert run.info.status == "FAILED"
+        assert client.search_model_versions(f"run_id = '{run.info.run_id}'") == []
+        models = client.search_logged_models([experiment_id])
+        assert [m.status for m in models] == [LoggedModelStatus.FAILED] * 3  # one per try, none left PENDING
 
 
 def test_registration_is_all_or_nothing(env, tmp_path):
-    import torch
     from mlflow.exceptions import MlflowException
 
     from tasks.registry import register_model
@@ -112,10 +132,13 @@ def test_registration_is_all_or_nothing(env, tmp_path):
     exp = client.get_experiment_by_name(EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
     run = client.create_run(exp_id, run_name="tiny")
-    path = tmp_path / "tiny.pt"
-    torch.save(torch.nn.Linear(4, 2), path)
+    from vecaf.models import load_pvm
+    from vecaf.models.classifier import classifier_config, save_classifier
+
+    pvm = load_pvm("test_efficientnet", pretrained=False, num_classes=2)
+    save_classifier(pvm.model, classifier_config(pvm, pvm.model, class_names=["a", "b"], mode="head"), tmp_path / "m")
     logged = log_model(
-        env.mlflow_url, run.info.run_id, str(path), metadata={"note": "tiny"}, input_shape=(4,), final_metrics={}
+        env.mlflow_url, run.info.run_id, str(tmp_path / "m"), metadata={"note": "tiny"}, final_metrics={}
     )
     with pytest.raises(MlflowException, match="alias"):
         # "v1" is reserved for version numbers: the server refuses the alias after the version exists.
