@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import DataParams, RegistryParams
 from flows.runtime import flow_run_info, runtime
-from tasks.data import load_dataset_task
+from tasks.data import check_splits, load_dataset_task
 from tasks.registry import (
     decide,
     now_iso,
@@ -103,7 +103,10 @@ def promote(
 def _evaluate_and_decide(
     rt: Any, name: str, data: DataParams, registry: RegistryParams, device: str, challenger: dict, champion: dict | None
 ) -> dict[str, Any]:
-    """Steps 2-4: the held-out split, the evaluations, the rule. Returns the decision's fields so far."""
+    """Steps 2-4: the held-out split (checked disjoint from the pool), the evaluations, the rule.
+
+    Returns the decision's fields so far.
+    """
     holdout = load_dataset_task(data, data.test_split, rt.work_dir)
     if challenger["class_names"] != holdout["class_names"]:
         raise ValueError(
@@ -111,6 +114,7 @@ def _evaluate_and_decide(
             f"{data.dataset}/{data.test_split} has {holdout['class_names']}: promote it with the data it was "
             "trained for"
         )
+    check_splits(data, load_dataset_task(data, data.train_split, rt.work_dir), holdout)
     out: dict[str, Any] = {"holdout": {k: holdout[k] for k in ("dataset", "split", "size", "digest")}}
     out["challenger_eval"] = evaluate_model_task(
         rt.tracking_uri, f"models:/{name}/{challenger['version']}", data, device
