@@ -551,8 +551,11 @@ def slot_waits(client: Any, root_flow_run_id: str, *, waited_s: float = 30.0) ->
             if usage.orphaned and not freed:
                 released = free_orphaned_slots(client)
                 freed = True
-                if released:
-                    message += f"; {released} slot(s) held by nobody (a server restart lost their leases) freed"
+                if usage.name in released:
+                    message += (
+                        f"; freed {released[usage.name]} {tag!r} slot(s) held by nobody (a server restart lost "
+                        "their leases)"
+                    )
             messages.append(message)
     return messages
 

@@ -282,7 +282,11 @@ def test_kill_9_of_the_flow_run_process_leaves_nothing_running_after_reconcile(o
     assert {r.info.status for r in runs} == {"FAILED"}, [(r.info.run_name, r.info.status) for r in runs]
     models = mlflow.search_logged_models([exp_id])
     assert models and {str(m.status) for m in models} == {"FAILED"}
-    print(f"\nstuck before reconcile: {before}; reconcile: {report.summary()}")
+    started = time.monotonic()
+    nxt = _final(_run({"seconds": 1, "watch_s": 600}).id, 300)
+    assert nxt.state.is_completed(), nxt.state.message
+    print(f"\nstuck before reconcile: {before}; reconcile: {report.summary()}; "
+          f"next run completed in {time.monotonic() - started:.1f} s")  # fmt: skip
 
 
 def _loop_files(tmp: Path) -> tuple[str, str]:
