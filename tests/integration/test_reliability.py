@@ -58,10 +58,19 @@ def inner(seconds: float, tracking_uri: str) -> None:
 
 
 @flow(name="reliability-outer")
-def outer(seconds: float = 1.0, tracking_uri: str | None = None, watch_s: float = 30.0) -> None:
-    """Hold the ``gpu`` slot (in the subflow when ``tracking_uri`` is given) while slot waits are watched."""
-    from tasks.reconcile import watch_slot_waits
+def outer(
+    seconds: float = 1.0, tracking_uri: str | None = None, watch_s: float = 30.0, reconcile_first: bool = False
+) -> None:
+    """Hold the ``gpu`` slot (in the subflow when ``tracking_uri`` is given) while slot waits are watched.
 
+    With ``reconcile_first`` it starts as ``vecaf-pipeline`` does: the ``reconcile`` task first.
+    """
+    from flows.runtime import runtime
+    from tasks.reconcile import reconcile_task, watch_slot_waits
+
+    if reconcile_first:
+        rt = runtime()
+        reconcile_task(rt.tracking_uri, rt.settings.stack.work_pool)
     with watch_slot_waits(every_s=watch_s):
         if tracking_uri:
             inner(seconds, tracking_uri)
@@ -252,6 +261,11 @@ def test_kill_9_of_the_flow_run_process_leaves_nothing_running_after_reconcile(o
     settings, urls = own
     root = _run({"seconds": 600, "tracking_uri": urls["mlflow_url"]})
     _wait("the holder task runs", lambda: (t := _tree(root.id)) and _holding_task([r.id for r in t]), 180)
+    live = reconcile(
+        prefect_api_url=urls["prefect_api_url"], tracking_uri=urls["mlflow_url"], local_work_pool=settings.stack.work_pool
+    )
+    assert (live.crashed_flow_runs, live.failed_mlflow_runs, live.errors) == ({}, {}, {}), "live runs must be left alone"
+    assert all(r.state.is_running() for r in _tree(root.id))
     with _client() as client:
         pid = int(client.read_flow_run(root.id).infrastructure_pid)
     victims = [p for p in psutil.Process(pid).children(recursive=True)] + [psutil.Process(pid)]
@@ -283,10 +297,30 @@ def test_kill_9_of_the_flow_run_process_leaves_nothing_running_after_reconcile(o
     models = mlflow.search_logged_models([exp_id])
     assert models and {str(m.status) for m in models} == {"FAILED"}
     started = time.monotonic()
-    nxt = _final(_run({"seconds": 1, "watch_s": 600}).id, 300)
+    nxt = _final(_run({"seconds": 1, "watch_s": 600, "reconcile_first": True}).id, 300)
     assert nxt.state.is_completed(), nxt.state.message
+    said = [m for m in _logs(nxt.id) if m.startswith("reconcile: ")]
+    assert said and "errors" not in said[0], said
     print(f"\nstuck before reconcile: {before}; reconcile: {report.summary()}; "
           f"next run completed in {time.monotonic() - started:.1f} s")  # fmt: skip
+
+
+def test_a_running_flow_run_without_heartbeat_is_crashed(own):
+    """Finding 3, no process to check (another machine): no heartbeat and no state change for long -> CRASHED."""
+    from prefect.states import Running
+
+    from tasks.reconcile import reconcile
+
+    _, urls = own
+    with _client() as client:
+        orphan = client.create_flow_run(outer, state=Running())
+    assert reconcile(prefect_api_url=urls["prefect_api_url"], stale_after_s=60).crashed_flow_runs == {}
+    time.sleep(4)
+    report = reconcile(prefect_api_url=urls["prefect_api_url"], stale_after_s=3)
+    assert "no heartbeat" in report.crashed_flow_runs.get(str(orphan.id), ""), report
+    with _client() as client:
+        state = client.read_flow_run(orphan.id).state
+    assert state.is_crashed() and "reconciled" in state.message
 
 
 def _loop_files(tmp: Path) -> tuple[str, str]:
