@@ -201,7 +201,10 @@ def _state_time(run: Any) -> dt.datetime:
 
 
 def heartbeat_stale_after() -> float:
-    """Seconds without heartbeat after which a run counts as gone: 3 heartbeats (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``)."""
+    """Seconds without heartbeat after which a run counts as gone: 3 periods + 10 s.
+
+    The period is ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` (180 s by default in Prefect 3.9.1).
+    """
     from prefect.settings import get_current_settings
 
     frequency = get_current_settings().flows.heartbeat_frequency or 180
@@ -288,10 +291,14 @@ def crash_dead_flow_runs(
             flow_run_id=TaskRunFilterFlowRunId(any_=[uuid.UUID(k) for k in crashed]),
             state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType(s) for s in _ALIVE_STATES])),
         )
-        while batch := [t for t in client.read_task_runs(task_run_filter=open_tasks, limit=200) if str(t.id) not in task_runs]:
+        while True:
+            found = client.read_task_runs(task_run_filter=open_tasks, limit=200)
+            batch = [t for t in found if str(t.id) not in task_runs]
+            if not batch:
+                break
             for tr in batch:
-                why = crashed[str(tr.flow_run_id)]
-                client.set_task_run_state(tr.id, Crashed(message=f"reconciled: its flow run is gone ({why})"), force=True)
+                message = f"reconciled: its flow run is gone ({crashed[str(tr.flow_run_id)]})"
+                client.set_task_run_state(tr.id, Crashed(message=message), force=True)
                 task_runs.append(str(tr.id))
     return crashed, task_runs
 
@@ -320,6 +327,7 @@ def fail_orphaned_mlflow_runs(tracking_uri: str, prefect_client: Any | None) -> 
         ``({run id: reason}, [logged model ids])``.
     """
     from mlflow.entities import RunStatus, ViewType
+    from mlflow.exceptions import MlflowException
 
     from tasks.tracking import mlflow_client, talking_to
 
@@ -332,6 +340,14 @@ def fail_orphaned_mlflow_runs(tracking_uri: str, prefect_client: Any | None) -> 
             return failed, models
         running = client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=5000)
         states: dict[str, str | None] = {}
+
+        def status_of(run_id: str) -> str:
+            if run_id in failed:
+                return "FAILED"
+            try:
+                return client.get_run(run_id).info.status
+            except MlflowException:
+                return "DELETED"
 
         def end(run: Any, reason: str) -> None:
             client.set_tag(run.info.run_id, RECONCILED_TAG, reason[:5000])
@@ -349,7 +365,7 @@ def fail_orphaned_mlflow_runs(tracking_uri: str, prefect_client: Any | None) -> 
             parent_id = run.data.tags.get("mlflow.parentRunId")
             if run.info.run_id in failed or not parent_id:
                 continue
-            parent_status = "FAILED" if parent_id in failed else client.get_run(parent_id).info.status
+            parent_status = status_of(parent_id)
             if parent_status != "RUNNING":
                 end(run, f"its parent run {parent_id} is {parent_status}")
         token = None
@@ -358,7 +374,7 @@ def fail_orphaned_mlflow_runs(tracking_uri: str, prefect_client: Any | None) -> 
             for model in page:
                 if str(model.status) != "PENDING" or not model.source_run_id:
                     continue
-                run_status = "FAILED" if model.source_run_id in failed else client.get_run(model.source_run_id).info.status
+                run_status = status_of(model.source_run_id)
                 if run_status != "RUNNING":
                     client.set_logged_model_tags(
                         model.model_id, {RECONCILED_TAG: f"its run {model.source_run_id} is {run_status}"}

@@ -18,10 +18,12 @@ worker has.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from prefect.cache_policies import NO_CACHE
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXPERIMENT = "vecaf-reliability"
+_ENTRYPOINT = "tests/integration/test_reliability.py:outer"
 
 
 @task(name="hold-gpu", tags=["gpu"], cache_policy=NO_CACHE, persist_result=False)
@@ -92,9 +95,9 @@ def _wait(what: str, check: Any, timeout: float, poll: float = 1.0) -> Any:
         time.sleep(poll)
 
 
-@pytest.fixture(scope="module")
-def own(tmp_path_factory):
-    """A stack of this module's own, the tiny flow deployed on it, the ``gpu`` limit set to 1."""
+@contextlib.contextmanager
+def _own_stack(state_dir: Path, **server_env: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """A stack in ``state_dir`` (``server_env`` reaches its servers), the tiny flow deployed, ``gpu`` limit 1."""
     from prefect import Flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from stack_fixtures import make_stack_settings
@@ -103,21 +106,30 @@ def own(tmp_path_factory):
     from infra.stack import running_stack, stack_env, stack_urls
     from vecaf.settings import Settings
 
-    stack = make_stack_settings(tmp_path_factory.mktemp("reliability") / "state", work_pool="vecaf-reliability")
+    stack = make_stack_settings(state_dir, work_pool="vecaf-reliability")
     urls = stack_urls(stack)
     patch = pytest.MonkeyPatch()
-    for key, value in stack_env(stack, with_settings=True).items():
+    for key, value in {**stack_env(stack, with_settings=True), **server_env}.items():
         patch.setenv(key, value)
-    with running_stack(stack, timeout=300.0), temporary_settings(updates={PREFECT_API_URL: urls["prefect_api_url"]}):
-        ensure_gpu_limit(1)
-        source = Flow.from_source(source=str(PROJECT_ROOT), entrypoint="tests/integration/test_reliability.py:outer")
-        source.deploy(
-            name="holder", work_pool_name=stack.work_pool, build=False, push=False, print_next_steps=False,
-            ignore_warnings=True,
-        )  # fmt: skip
-        yield Settings(stack=stack), urls
-        _drain()
-    patch.undo()
+    try:
+        with running_stack(stack, timeout=300.0), temporary_settings({PREFECT_API_URL: urls["prefect_api_url"]}):
+            ensure_gpu_limit(1)
+            source = Flow.from_source(source=str(PROJECT_ROOT), entrypoint=_ENTRYPOINT)
+            source.deploy(
+                name="holder", work_pool_name=stack.work_pool, build=False, push=False, print_next_steps=False,
+                ignore_warnings=True,
+            )  # fmt: skip
+            yield Settings(stack=stack), urls
+            _drain()
+    finally:
+        patch.undo()
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """A stack of this module's own (Prefect's default lease storage: memory), the tiny flow deployed."""
+    with _own_stack(tmp_path_factory.mktemp("reliability") / "state") as value:
+        yield value
 
 
 def _drain() -> None:
@@ -193,6 +205,26 @@ def _logs(flow_run_id: Any) -> list[str]:
         return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
 
 
+def test_filesystem_lease_storage_keeps_the_lease_across_a_restart(tmp_path):
+    """Finding 1, the other fix: with leases on disk the restart keeps the lease; Prefect frees it itself."""
+    from infra.stack import down, up
+
+    storage = {"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
+    with _own_stack(tmp_path / "state", **storage) as (settings, _urls):
+        holder = _run({"seconds": 600})
+        held = _wait("the holder task runs", lambda: _holding_task([holder.id]), 180)
+        down(settings)
+        up(settings, timeout=300.0)
+        kept = _gpu_usage()
+        assert (kept.active, kept.holders) == (1, (str(held.id),))
+        started = time.monotonic()
+        _wait("the dead holder's lease expires and the server frees the slot", lambda: _gpu_usage().active == 0, 180)
+        freed_after = time.monotonic() - started
+        nxt = _final(_run({"seconds": 1, "watch_s": 600}).id, 240)
+        assert nxt.state.is_completed(), nxt.state.message
+        print(f"\nfilesystem leases: slot freed by Prefect {freed_after:.1f} s after the restart")
+
+
 def test_stack_restart_mid_task_leaks_the_slot_until_watched_or_reconciled(own):
     """Finding 1: stack down/up while a task holds ``gpu``; the next run still completes, with a message."""
     from infra.stack import down, up
@@ -220,7 +252,8 @@ def test_stack_restart_mid_task_leaks_the_slot_until_watched_or_reconciled(own):
     print(f"\nrun after restart completed in {waited:.1f} s; message: {messages[0]}")
 
     report = reconcile(
-        prefect_api_url=urls["prefect_api_url"], tracking_uri=urls["mlflow_url"], local_work_pool=settings.stack.work_pool
+        prefect_api_url=urls["prefect_api_url"], tracking_uri=urls["mlflow_url"],
+        local_work_pool=settings.stack.work_pool,
     )
     assert not report.errors, report.errors
     assert all(not r.state.is_running() for r in _tree(holder.id))
@@ -262,9 +295,10 @@ def test_kill_9_of_the_flow_run_process_leaves_nothing_running_after_reconcile(o
     root = _run({"seconds": 600, "tracking_uri": urls["mlflow_url"]})
     _wait("the holder task runs", lambda: (t := _tree(root.id)) and _holding_task([r.id for r in t]), 180)
     live = reconcile(
-        prefect_api_url=urls["prefect_api_url"], tracking_uri=urls["mlflow_url"], local_work_pool=settings.stack.work_pool
+        prefect_api_url=urls["prefect_api_url"], tracking_uri=urls["mlflow_url"],
+        local_work_pool=settings.stack.work_pool,
     )
-    assert (live.crashed_flow_runs, live.failed_mlflow_runs, live.errors) == ({}, {}, {}), "live runs must be left alone"
+    assert (live.crashed_flow_runs, live.failed_mlflow_runs, live.errors) == ({}, {}, {}), "live runs: leave alone"
     assert all(r.state.is_running() for r in _tree(root.id))
     with _client() as client:
         pid = int(client.read_flow_run(root.id).infrastructure_pid)
@@ -282,7 +316,8 @@ def test_kill_9_of_the_flow_run_process_leaves_nothing_running_after_reconcile(o
     assert mlflow.search_runs([exp_id], "attributes.status = 'RUNNING'")
 
     report = reconcile(
-        prefect_api_url=urls["prefect_api_url"], tracking_uri=urls["mlflow_url"], local_work_pool=settings.stack.work_pool
+        prefect_api_url=urls["prefect_api_url"], tracking_uri=urls["mlflow_url"],
+        local_work_pool=settings.stack.work_pool,
     )
     assert not report.errors, report.errors
     tree = _tree(root.id)
@@ -290,7 +325,8 @@ def test_kill_9_of_the_flow_run_process_leaves_nothing_running_after_reconcile(o
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
     with _client() as client:
-        tasks_ = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in tree])))
+        in_tree = TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in tree]))
+        tasks_ = client.read_task_runs(task_run_filter=in_tree)
     assert tasks_ and all(t.state.is_final() for t in tasks_), [(t.name, t.state.type) for t in tasks_]
     runs = mlflow.search_runs([exp_id])
     assert {r.info.status for r in runs} == {"FAILED"}, [(r.info.run_name, r.info.status) for r in runs]
