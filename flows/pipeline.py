@@ -1,5 +1,9 @@
 """Flow ``vecaf-pipeline``: caption -> featurize -> finetune -> promote, as subflows.
 
+0. ``reconcile``: what earlier runs left behind after a kill or a server restart is put right first
+   (slots nobody holds freed; flow runs whose process is gone CRASHED; their MLflow runs FAILED; see
+   ``tasks/reconcile.py``). While the steps run, a task run that waits for a concurrency slot is named in
+   the log every 30 s with the tag and who holds the slot.
 1. ``caption`` (when CEA is on): captions of the pool with the OOD suffix (Sec. 3.2-3.3).
 2. ``featurize``: PVM embeddings of pool and held-out split, caption text embeddings; Feast materialized.
 3. ``finetune``: the VeCAF loops in one MLflow run (nested run per loop); the model registered as
@@ -28,6 +32,10 @@ from flows.params import (
     check_training_fits,
 )
 from flows.promote import promote
+from flows.runtime import runtime
+from tasks.reconcile import reconcile_task, watch_slot_waits
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @flow(
@@ -57,13 +65,17 @@ def vecaf_pipeline(
         None when skipped).
     """
     check_training_fits(data, training, objective)
+    rt = runtime()
+    local_pool = rt.settings.stack.work_pool if rt.settings.stack.host in _LOOPBACK else None
+    reconcile_task(rt.tracking_uri, local_pool)
     use_text = training.cea and training.method != "full"
-    captions = caption(data=data, models=models, ood_prompt=ood_prompt) if use_text else None
-    features = featurize(data=data, models=models, ood_prompt=ood_prompt, text=use_text)
-    tuned = finetune(
-        data=data, models=models, ood_prompt=ood_prompt, objective=objective, training=training, registry=registry
-    )
-    decision = promote(data=data, registry=registry, device=models.device) if registry.promote else None
+    with watch_slot_waits():
+        captions = caption(data=data, models=models, ood_prompt=ood_prompt) if use_text else None
+        features = featurize(data=data, models=models, ood_prompt=ood_prompt, text=use_text)
+        tuned = finetune(
+            data=data, models=models, ood_prompt=ood_prompt, objective=objective, training=training, registry=registry
+        )
+        decision = promote(data=data, registry=registry, device=models.device) if registry.promote else None
     return {
         "caption": None if captions is None else {k: captions[k] for k in ("new", "cached")},
         "featurize": {k: features[k] for k in ("keys", "image", "text")},

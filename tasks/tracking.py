@@ -366,13 +366,17 @@ def log_loop(
 
     Returns:
         The nested run's id.
+
+    A retry is idempotent: the nested run of this parent and loop made by an earlier attempt (found by the
+    tags ``mlflow.parentRunId`` and ``loop``) is reused, and metrics carry the record file's time, so
+    logging them again adds no duplicate points.
     """
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag, Param, RunStatus
 
     record = json.loads(Path(record_path).read_text())
     loop = int(record["loop"]) - 1
-    ts = int(time.time() * 1000)
+    ts = int(Path(record_path).stat().st_mtime * 1000)
     with talking_to("MLflow tracking server", tracking_uri):
         client = mlflow_client(tracking_uri)
         parent = client.get_run(parent_run_id)
@@ -381,7 +385,16 @@ def log_loop(
             "loop": str(loop + 1),
             **{k: v for k, v in parent.data.tags.items() if k in ("method", "pvm", "dataset_digest", "code_version")},
         }
-        child = client.create_run(parent.info.experiment_id, run_name=f"loop-{loop + 1}", tags=tags)
+        earlier = client.search_runs(
+            [parent.info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.loop = '{loop + 1}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
+        )
+        if earlier:
+            child = earlier[0]
+        else:
+            child = client.create_run(parent.info.experiment_id, run_name=f"loop-{loop + 1}", tags=tags)
         cid = child.info.run_id
         params = [
             Param("loop", str(loop + 1)),
