@@ -119,6 +119,7 @@ def test_stack_env_points_clients_at_the_configured_ports(tmp_path: Path, stack_
     env = stack_env(settings)
     assert env == {
         "PREFECT_API_URL": "http://127.0.0.1:21001/api",
+        "PREFECT_API_AUTH_STRING": settings.prefect_auth_string.get_secret_value(),
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:21002",
         "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:21003",
         "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:21003",
@@ -217,7 +218,7 @@ def test_mlflow_artifact_is_proxied_into_the_bucket(stack) -> None:
 def test_process_work_pool_exists_and_the_worker_polls_it(stack) -> None:
     from prefect.client.orchestration import SyncPrefectClient
 
-    with SyncPrefectClient(stack.prefect_api_url) as client:
+    with SyncPrefectClient(stack.prefect_api_url, auth_string=stack.prefect_auth_string) as client:
         pool = client.read_work_pool(stack.work_pool)
         workers = client.read_workers_for_work_pool(stack.work_pool)
     assert pool.type == "process"
