@@ -1,32 +1,39 @@
 """The local server stack: an S3 endpoint, an MLflow tracking server, a Prefect server and a Prefect worker.
 
-``up`` starts each server as a detached child process (its own session, hence its own process group),
-waits until each answers its health check, and records it under ``<state_dir>`` (``H`` is the host):
+Addresses and credentials come from ``vecaf.services.resolve_services``: a service whose URL in the
+``services`` settings (or the client's usual variable) is not the local one is *external* and is not started
+here; ``status`` reports it as external, with whether it answers. ``up`` starts each remaining server as a
+detached child process (its own session, hence its own process group; umask 077), waits until each answers
+its health check, and records it under ``<state_dir>`` (``H`` is the host):
 
 - ``s3``: ``rclone serve s3 <state>/s3 --addr H:9000``, keys in ``RCLONE_AUTH_KEY``; healthy when a
   ``ListBuckets`` signed with the keys succeeds.
-- ``mlflow``: ``python -m mlflow server --backend-store-uri sqlite:///<state>/mlflow/mlflow.db
-  --artifacts-destination s3://<bucket>/mlflow --host H --port 5000 --workers 1``; healthy when
-  ``GET /health`` is 200.
-- ``prefect``: ``python -m prefect server start --host H --port 4200`` with ``PREFECT_HOME=<state>/prefect``
-  (SQLite ``<state>/prefect/prefect.db``); healthy when ``GET /api/health`` is 200.
+- ``mlflow``: ``python -m mlflow server --artifacts-destination s3://<bucket>/<prefix>mlflow --host H
+  --port 5000 --workers 1`` with ``MLFLOW_BACKEND_STORE_URI`` (``stack.mlflow_backend_store_uri``, default
+  SQLite ``<state>/mlflow/mlflow.db``); healthy when ``GET /health`` is 200.
+- ``prefect``: ``python -m prefect server start --host H --port 4200`` with ``PREFECT_HOME=<state>/prefect``,
+  ``stack.prefect_database_url`` (default SQLite ``<state>/prefect/prefect.db``), a basic-auth string, CSRF
+  protection on and CORS limited to its UI's origin; healthy when ``GET /api/health`` is 200.
 - ``worker``: ``python -m prefect worker start --pool <pool> --type process --name <pool>-worker
-  --install-policy never --create-pool-if-not-found`` in the repository root; healthy when it is ONLINE
-  in the pool with a heartbeat newer than its process.
+  --install-policy never --create-pool-if-not-found`` in the repository root, pointed at the services'
+  Prefect API; healthy when it is ONLINE in the pool with a heartbeat newer than its process.
 
-After S3 answers, the bucket is created (``CreateBucket``) if missing. The worker creates its ``process``
-work pool (with Prefect's default base job template) if missing; a pool of that name and another type is
-refused. Both steps are idempotent.
+Before anything starts: the per-install secrets file ``<state>/secrets.json`` (0600: S3 keys, Prefect auth
+string, fingerprint salt) is created if missing, external services must answer, PostgreSQL backends must
+connect, and an external bucket is created if missing. After the local S3 answers, its bucket is created
+if missing. The worker creates its ``process`` work pool (Prefect's default base job template) if missing; a
+pool of that name and another type is refused. These steps are idempotent.
 
-State under ``<state_dir>``: ``logs/<name>.log`` (stdout and stderr of each server, appended),
+State under ``<state_dir>`` (0700): ``logs/<name>.log`` (stdout and stderr of each server, appended),
 ``pids/<name>.json`` (pid, process start time and command line: a process is "ours" only when all three
-match, so a recycled PID is never signalled), ``s3/<bucket>/...`` (the objects, as plain files),
-``mlflow/mlflow.db``, ``prefect/prefect.db`` and ``stack.lock`` (``up`` and ``down`` hold it).
+match, so a recycled PID is never signalled; a salted HMAC fingerprint of its settings, never a secret),
+``s3/<bucket>/...`` (the objects, as plain files), ``mlflow/mlflow.db``, ``prefect/prefect.db``,
+``secrets.json`` and ``stack.lock`` (``up`` and ``down`` hold it).
 
 ``down`` signals only recorded processes that are still ours: SIGTERM to the process group, a wait, then
 SIGKILL, worker first and S3 last. A port held by anything else makes ``up`` fail before it starts
-anything, with the port and the setting to change; nothing it did not start is ever signalled.
-POSIX only (process groups and ``flock``).
+anything, with the port and the setting to change; nothing it did not start (external services included)
+is ever signalled. POSIX only (process groups and ``flock``).
 """
 
 from __future__ import annotations
