@@ -66,12 +66,10 @@ from typing import Any
 import psutil
 
 from vecaf.services import (
-    LocalSecrets,
     ResolvedServices,
     ensure_local_secrets,
     local_stack_keys,
     local_urls,
-    read_local_secrets,
     resolve_services,
 )
 from vecaf.services import state_dir as _services_state_dir
@@ -620,20 +618,13 @@ def check_services(settings: Settings | StackSettings, *, timeout: float = 5.0) 
     whole = _whole(settings)
     services = services_of(settings)
     local = set(local_services(settings))
-    if services.prefect_external:
-        code, answer = _http(f"{services.prefect_api_url}/health", headers=prefect_headers(services), timeout=timeout)
-        if code != 200:
-            raise StackError(
-                f"the external Prefect API {services.prefect_api_url} ({_SETTING_OF['prefect']}) does not answer "
-                f"its health check ({_why(code)})"
-            )
-    if services.mlflow_external:
-        code, _ = _http(f"{services.mlflow_tracking_uri}/health", headers=_mlflow_headers(services), timeout=timeout)
-        if code != 200:
-            raise StackError(
-                f"the external MLflow tracking server {services.mlflow_tracking_uri} ({_SETTING_OF['mlflow']}) "
-                f"does not answer its health check ({_why(code)})"
-            )
+    for name, what in (("prefect", "Prefect API"), ("mlflow", "MLflow tracking server")):
+        if services.external(name):
+            answers, why = _external_answers(services, name, timeout=timeout)
+            if not answers:
+                raise StackError(
+                    f"the external {what} {services.url(name)} ({_SETTING_OF[name]}) does not answer ({why})"
+                )
     if "prefect" in local and whole.stack.prefect_database_url is not None:
         _check_database(
             "stack.prefect_database_url (VECAF_STACK__PREFECT_DATABASE_URL)",
