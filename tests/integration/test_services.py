@@ -6,7 +6,8 @@
 - External servers: the test starts ``prefect server start`` (with its own basic-auth string) and
   ``mlflow server`` itself, in homes of their own; ``stack.up`` then starts only S3 and the worker, the worker
   registers with the external Prefect, ``stack.status`` reports each service as external or started here,
-  and ``stack.down`` leaves the external servers running.
+  the digits pipeline deployed on the external Prefect completes and logs to the external MLflow, and
+  ``stack.down`` leaves the external servers running.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import SecretStr
 
-from infra.stack import down, prefect_request, running_stack, services_of, status, up, worker_name
+from infra.stack import down, prefect_request, running_stack, services_of, stack_env, status, up, worker_name
+from stack_fixtures import make_stack_settings, pick_free_port
 from vecaf.settings import ServiceSettings, Settings, StackSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -124,7 +127,7 @@ def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
 
 
 @contextmanager
-def _server(argv: list[str], env: dict[str, str], log: Path, health: str) -> Iterator[subprocess.Popen]:
+def _server(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     """A server this test starts itself (not through the stack), stopped after."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -149,24 +152,31 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
         time.sleep(0.5)
 
 
-def test_stack_starts_only_what_the_external_servers_do_not_provide(
-    tmp_path: Path, stack_settings: Callable[..., StackSettings], free_port: Callable[[], int]
-) -> None:
-    stack = stack_settings(tmp_path / "state")
-    prefect_port, mlflow_port = free_port(), free_port()
+@pytest.fixture(scope="module")
+def external(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """Prefect (with its own auth string) and MLflow started by the test itself, and settings naming them.
+
+    The stack's S3 (started by ``up`` in the tests) holds MLflow's artifacts; the fixture stops the stack's
+    servers and then its own at the end.
+    """
+    tmp = tmp_path_factory.mktemp("external")
+    stack = make_stack_settings(tmp / "state")
+    prefect_port, mlflow_port = pick_free_port(), pick_free_port()
     auth = f"external:{uuid.uuid4().hex}"
     py = sys.executable
     for home in ("ext-prefect", "ext-mlflow"):
-        (tmp_path / home).mkdir()
+        (tmp / home).mkdir()
+    prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+    mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
     prefect_argv = [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
     prefect_env = {
-        "PREFECT_HOME": str(tmp_path / "ext-prefect"),
+        "PREFECT_HOME": str(tmp / "ext-prefect"),
         "PREFECT_SERVER_API_AUTH_STRING": auth,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "PREFECT_API_URL": prefect_api,
     }
     mlflow_argv = [
-        py, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'ext-mlflow' / 'mlflow.db'}",
+        py, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'ext-mlflow' / 'mlflow.db'}",
         "--artifacts-destination", f"s3://{stack.bucket}/mlflow", "--host", "127.0.0.1", "--port", str(mlflow_port),
         "--workers", "1",
     ]  # fmt: skip
@@ -177,45 +187,98 @@ def test_stack_starts_only_what_the_external_servers_do_not_provide(
         "AWS_DEFAULT_REGION": "us-east-1",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    prefect_api = f"http://127.0.0.1:{prefect_port}/api"
-    mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
     with (
-        _server(prefect_argv, prefect_env, tmp_path / "ext-prefect.log", f"{prefect_api}/health") as prefect_proc,
-        _server(mlflow_argv, mlflow_env, tmp_path / "ext-mlflow.log", f"{mlflow_uri}/health") as mlflow_proc,
+        _server(prefect_argv, prefect_env, tmp / "ext-prefect.log") as prefect_proc,
+        _server(mlflow_argv, mlflow_env, tmp / "ext-mlflow.log") as mlflow_proc,
     ):
-        _wait_healthy(f"{prefect_api}/health", prefect_proc, tmp_path / "ext-prefect.log")
-        _wait_healthy(f"{mlflow_uri}/health", mlflow_proc, tmp_path / "ext-mlflow.log")
+        _wait_healthy(f"{prefect_api}/health", prefect_proc, tmp / "ext-prefect.log")
+        _wait_healthy(f"{mlflow_uri}/health", mlflow_proc, tmp / "ext-mlflow.log")
         settings = Settings(
             stack=stack,
             services=ServiceSettings(
                 prefect_api_url=prefect_api, prefect_api_auth_string=SecretStr(auth), mlflow_tracking_uri=mlflow_uri
             ),
         )
-        services = services_of(settings)
-        assert (services.prefect_external, services.mlflow_external, services.s3_external) == (True, True, False)
         try:
-            rows = {row.name: row for row in up(settings, timeout=300.0)}
-            assert {name: row.where for name, row in rows.items()} == {
-                "s3": "started here", "worker": "started here", "prefect": "external", "mlflow": "external",
-            }  # fmt: skip
-            assert all(row.healthy for row in rows.values()), rows
-            assert not (tmp_path / "state" / "pids" / "prefect.json").exists()
-            assert not (tmp_path / "state" / "pids" / "mlflow.json").exists()
-
-            pool = urllib.parse.quote(stack.work_pool)
-            code, workers = prefect_request(services, f"/work_pools/{pool}/workers/filter", method="POST", body={})
-            assert code == 200 and worker_name(stack) in [w["name"] for w in workers]
-
-            report = {row.name: row for row in status(settings)}
-            assert [row.where for row in report.values()] == ["started here", "external", "external", "started here"]
-            assert all(row.healthy for row in report.values()), report
-            assert report["prefect"].url == prefect_api and report["mlflow"].url == mlflow_uri
-
-            wrong = settings.model_copy(
-                update={"services": settings.services.model_copy(update={"prefect_api_auth_string": SecretStr("x:y")})}
-            )
-            assert not {row.name: row for row in status(wrong)}["prefect"].healthy
+            yield SimpleNamespace(
+                settings=settings, stack=stack, tmp=tmp, prefect_api=prefect_api, mlflow_uri=mlflow_uri,
+                prefect_proc=prefect_proc, mlflow_proc=mlflow_proc,
+            )  # fmt: skip
         finally:
-            assert set(down(settings)) <= {"worker", "s3"}
-        assert prefect_proc.poll() is None and mlflow_proc.poll() is None
-        assert _http_ok(f"{prefect_api}/health") and _http_ok(f"{mlflow_uri}/health")
+            down(settings)
+
+
+def test_stack_starts_only_what_the_external_servers_do_not_provide(external: SimpleNamespace) -> None:
+    settings, stack = external.settings, external.stack
+    services = services_of(settings)
+    assert (services.prefect_external, services.mlflow_external, services.s3_external) == (True, True, False)
+    rows = {row.name: row for row in up(settings, timeout=300.0)}
+    assert {name: row.where for name, row in rows.items()} == {
+        "s3": "started here", "worker": "started here", "prefect": "external", "mlflow": "external",
+    }  # fmt: skip
+    assert all(row.healthy for row in rows.values()), rows
+    assert not (external.tmp / "state" / "pids" / "prefect.json").exists()
+    assert not (external.tmp / "state" / "pids" / "mlflow.json").exists()
+
+    pool = urllib.parse.quote(stack.work_pool)
+    code, workers = prefect_request(services, f"/work_pools/{pool}/workers/filter", method="POST", body={})
+    assert code == 200 and worker_name(stack) in [w["name"] for w in workers]
+
+    report = {row.name: row for row in status(settings)}
+    assert [row.where for row in report.values()] == ["started here", "external", "external", "started here"]
+    assert all(row.healthy for row in report.values()), report
+    assert report["prefect"].url == external.prefect_api and report["mlflow"].url == external.mlflow_uri
+
+    wrong = settings.model_copy(
+        update={"services": settings.services.model_copy(update={"prefect_api_auth_string": SecretStr("x:y")})}
+    )
+    assert not {row.name: row for row in status(wrong)}["prefect"].healthy
+
+
+def test_pipeline_completes_against_the_external_servers(external: SimpleNamespace) -> None:
+    """The digits pipeline, deployed on the external Prefect and run by the stack's worker, logs to the external MLflow."""
+    from flows.deploy import PIPELINE_DEPLOYMENT, deploy, trigger
+    from flows.params import DataParams, PipelineParams, RegistryParams, TrainingParams
+    from tasks.tracking import mlflow_client
+    from vecaf.settings import load_settings
+
+    settings = external.settings
+    up(settings, timeout=300.0)
+    params = PipelineParams(
+        data=DataParams(dataset="digits", pool_size=300, test_size=120, image_size=32, shard_size=300),
+        training=TrainingParams(ratio=0.05, loops=1, batch_budget=8, batch_size=16, lr=0.05),
+        registry=RegistryParams(experiment="vecaf-external", model_name="vecaf-external-digits"),
+    ).flow_parameters()
+    patch = pytest.MonkeyPatch()
+    try:
+        for key, value in stack_env(settings, with_settings=True).items():
+            patch.setenv(key, value)
+        loaded = load_settings()
+        assert services_of(loaded).prefect_api_url == external.prefect_api
+        deploy(loaded, pipeline_parameters=params)
+        run = trigger(loaded, f"vecaf-pipeline/{PIPELINE_DEPLOYMENT}", params, wait=True, timeout=1500, poll_s=3.0)
+        assert run.state.is_completed(), run.state.message
+        client = mlflow_client(external.mlflow_uri)
+        versions = client.search_model_versions("name = 'vecaf-external-digits'")
+        assert versions and versions[0].run_id
+        finished = client.get_run(versions[0].run_id)
+        assert finished.info.status == "FINISHED"
+        assert finished.data.tags.get("prefect_pipeline_run_id") == str(run.id)
+        _drain_prefect_services()
+    finally:
+        patch.undo()
+
+
+def test_down_leaves_the_external_servers_running(external: SimpleNamespace) -> None:
+    up(external.settings, timeout=300.0)
+    assert set(down(external.settings)) == {"worker", "s3"}
+    assert external.prefect_proc.poll() is None and external.mlflow_proc.poll() is None
+    assert _http_ok(f"{external.prefect_api}/health") and _http_ok(f"{external.mlflow_uri}/health")
+
+
+def _drain_prefect_services() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
