@@ -26,8 +26,10 @@ from types import SimpleNamespace
 
 import pytest
 from pydantic import SecretStr
+from typer.testing import CliRunner
 
 from infra.stack import down, prefect_request, running_stack, services_of, stack_env, status, up, worker_name
+from infra.stack_cli import stack_app
 from stack_fixtures import make_stack_settings, pick_free_port
 from vecaf.settings import ServiceSettings, Settings, StackSettings
 
@@ -228,6 +230,11 @@ def test_stack_starts_only_what_the_external_servers_do_not_provide(external: Si
     assert [row.where for row in report.values()] == ["started here", "external", "external", "started here"]
     assert all(row.healthy for row in report.values()), report
     assert report["prefect"].url == external.prefect_api and report["mlflow"].url == external.mlflow_uri
+
+    result = CliRunner().invoke(stack_app, ["status"], env=stack_env(settings, with_settings=True))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("external, answers") == 2 and result.output.count("started here") == 2
+    assert external.prefect_api in result.output and external.mlflow_uri in result.output
 
     wrong = settings.model_copy(
         update={"services": settings.services.model_copy(update={"prefect_api_auth_string": SecretStr("x:y")})}

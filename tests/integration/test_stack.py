@@ -493,6 +493,10 @@ def test_no_secret_in_pid_records_logs_or_command_lines(stack) -> None:
         assert not any(secret in " ".join(record.argv) for secret in secrets)
         assert " ".join(psutil.Process(record.pid).cmdline()).find(stack.secret_key) < 0
         assert record.fingerprint and record.fingerprint != _unsalted_fingerprint(record)
+    written_by_servers = [stack.state_dir / sub for sub in ("mlflow", "prefect", "logs", "pids")]
+    for path in [stack.state_dir, *written_by_servers, *(p for d in written_by_servers for p in d.rglob("*"))]:
+        assert path.stat().st_mode & 0o007 == 0, f"{path} is accessible to others: {oct(path.stat().st_mode)}"
+    assert (stack.state_dir / "mlflow" / "mlflow.db").stat().st_mode & 0o077 == 0
 
 
 def _unsalted_fingerprint(record) -> str:
@@ -546,6 +550,15 @@ def test_unreachable_external_service_names_the_service_and_url(
         rows = {row.name: row for row in status(settings)}
         short = "prefect" if field == "prefect_api_url" else "mlflow"
         assert rows[short].where == "external" and not rows[short].healthy
+    settings = Settings(
+        stack=stack_settings(tmp_path / "s3"),
+        services=ServiceSettings(
+            s3_endpoint_url=dead, s3_access_key=SecretStr("key"), s3_secret_key=SecretStr("secret"), bucket="b-1"
+        ),
+    )
+    with pytest.raises(StackError, match=f"S3 endpoint {re.escape(dead)} .*services.s3_endpoint_url.* does not answer"):
+        up(settings)
+    assert not list((tmp_path / "s3").glob("pids/*.json"))
 
 
 @pytest.mark.parametrize(
