@@ -337,6 +337,7 @@ def test_down_stops_only_what_the_stack_started(
             assert not any(r.running for r in status(settings))
             assert down(settings) == []
     finally:
+        down(settings)  # also when an assertion above failed with S3 still up
         sleeper.kill()
         sleeper.wait()
 
