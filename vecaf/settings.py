@@ -16,7 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -85,7 +85,10 @@ class ServiceSettings(BaseModel):
 
     Each field left unset falls back to the client's usual environment variable, then to the local stack.
     ``vecaf stack up`` starts only the services whose URL here (or in that variable) is not the local one.
+    Unknown keys are refused: a misspelt URL setting must not silently fall back to the local stack.
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     prefect_api_url: str | None = Field(None, description="Prefect API, e.g. https://prefect.example.org/api.")
     prefect_api_key: SecretStr | None = Field(None, description="Prefect Cloud API key.")

@@ -183,3 +183,9 @@ def test_secrets_file_is_random_private_and_overridden_by_settings(tmp_path):
 def test_no_fixed_default_secret_in_the_settings():
     s = Settings()
     assert s.stack.s3_secret_key is None and s.stack.s3_access_key is None and s.stack.prefect_auth_string is None
+
+
+def test_misspelt_services_key_is_refused(monkeypatch):
+    monkeypatch.setenv("VECAF_SERVICES__PREFECT_URL", "https://prefect.example.org/api")
+    with pytest.raises(ValidationError, match="prefect_url"):
+        Settings()
