@@ -44,42 +44,6 @@ class DataSettings(BaseModel):
     strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and reporting it.")
 
 
-class StackSettings(BaseModel):
-    """The local servers started by ``vecaf stack up`` (only those with no external URL in ``services``).
-
-    Keys left unset are generated once per install by ``vecaf stack up`` and kept in
-    ``<state_dir>/secrets.json`` (mode 0600); a value here (or in ``VECAF_STACK__*``) overrides the file.
-    """
-
-    host: str = "127.0.0.1"
-    state_dir: Path = Path(".vecaf")
-    prefect_port: int = Field(4200, gt=0, lt=65536)
-    mlflow_port: int = Field(5000, gt=0, lt=65536)
-    s3_port: int = Field(9000, gt=0, lt=65536)
-    s3_access_key: str | None = Field(None, description="None: the per-install key of the secrets file.")
-    s3_secret_key: SecretStr | None = Field(None, description="None: the per-install key of the secrets file.")
-    prefect_auth_string: SecretStr | None = Field(
-        None, description="Basic-auth 'user:password' of the Prefect server; None: the secrets file's."
-    )
-    prefect_database_url: SecretStr | None = Field(
-        None,
-        description="Prefect server database (e.g. postgresql+asyncpg://user:pw@host/db); "
-        "None: SQLite <state_dir>/prefect/prefect.db.",
-    )
-    mlflow_backend_store_uri: SecretStr | None = Field(
-        None,
-        description="MLflow backend store (e.g. postgresql://user:pw@host/db); None: SQLite <state_dir>/mlflow/mlflow.db.",
-    )
-    bucket: str = "vecaf"
-    work_pool: str = "vecaf-process"
-    feast_dir: Path | None = Field(None, description="Feast repo/data folder; None means <state_dir>/feast.")
-
-    @property
-    def feast_path(self) -> Path:
-        """Where the Feast registry, online store and offline Parquet live."""
-        return self.feast_dir if self.feast_dir is not None else self.state_dir / "feast"
-
-
 class ServiceSettings(BaseModel):
     """The services the pipeline talks to, wherever they run (see ``vecaf.services.resolve_services``).
 
@@ -124,6 +88,42 @@ class ServiceSettings(BaseModel):
         return self
 
 
+class StackSettings(BaseModel):
+    """The local servers started by ``vecaf stack up`` (only those with no external URL in ``services``).
+
+    Keys left unset are generated once per install by ``vecaf stack up`` and kept in
+    ``<state_dir>/secrets.json`` (mode 0600); a value here (or in ``VECAF_STACK__*``) overrides the file.
+    """
+
+    host: str = "127.0.0.1"
+    state_dir: Path = Path(".vecaf")
+    prefect_port: int = Field(4200, gt=0, lt=65536)
+    mlflow_port: int = Field(5000, gt=0, lt=65536)
+    s3_port: int = Field(9000, gt=0, lt=65536)
+    s3_access_key: str | None = Field(None, description="None: the per-install key of the secrets file.")
+    s3_secret_key: SecretStr | None = Field(None, description="None: the per-install key of the secrets file.")
+    prefect_auth_string: SecretStr | None = Field(
+        None, description="Basic-auth 'user:password' of the Prefect server; None: the secrets file's."
+    )
+    prefect_database_url: SecretStr | None = Field(
+        None,
+        description="Prefect server database (e.g. postgresql+asyncpg://user:pw@host/db); "
+        "None: SQLite <state_dir>/prefect/prefect.db.",
+    )
+    mlflow_backend_store_uri: SecretStr | None = Field(
+        None,
+        description="MLflow backend store (e.g. postgresql://user:pw@host/db); None: SQLite <state_dir>/mlflow/mlflow.db.",
+    )
+    bucket: str = "vecaf"
+    work_pool: str = "vecaf-process"
+    feast_dir: Path | None = Field(None, description="Feast repo/data folder; None means <state_dir>/feast.")
+
+    @property
+    def feast_path(self) -> Path:
+        """Where the Feast registry, online store and offline Parquet live."""
+        return self.feast_dir if self.feast_dir is not None else self.state_dir / "feast"
+
+
 class Settings(BaseSettings):
     """All settings of the VeCAF pipeline."""
 
@@ -132,9 +132,9 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     stack: StackSettings = StackSettings()
-    services: ServiceSettings = ServiceSettings()
     seed: int = 0
     cache_dir: Path = Path(".vecaf/cache")
+    services: ServiceSettings = ServiceSettings()
 
     @classmethod
     def settings_customise_sources(
