@@ -91,6 +91,7 @@ def test_unreachable_s3_fails_before_registration(env, monkeypatch, tmp_path, st
     with running_stack(own, only=["mlflow"], timeout=300.0):
         urls = stack_urls(own)
         monkeypatch.setenv("VECAF_STACK__MLFLOW_PORT", str(own.mlflow_port))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", urls["mlflow_url"])  # the client variable wins over the port
         monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", urls["s3_endpoint_url"])
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", urls["s3_endpoint_url"])
         log_model_task = finetune_flow.log_model_task
