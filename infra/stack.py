@@ -413,6 +413,11 @@ def server_specs(settings: Settings | StackSettings) -> list[ServerSpec]:
                 "PREFECT_API_AUTH_STRING": _plain(auth),
                 "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
                 "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": local["prefect_ui_url"],
+                # Concurrency leases on disk (under PREFECT_HOME) unless the caller names another storage, so a
+                # restart keeps who holds each slot (Prefect's default keeps them in memory: docs/reliability.md).
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": os.environ.get(
+                    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem"
+                ),
             },
             cwd=root / "prefect",
             health=lambda _record: _http(f"{local['prefect_api_url']}/health")[0] == 200,
@@ -424,7 +429,8 @@ def server_specs(settings: Settings | StackSettings) -> list[ServerSpec]:
                 "--name", worker_name(ss), "--install-policy", "never", "--create-pool-if-not-found",
             ),  # fmt: skip
             url=f"{services.prefect_ui_url}/work-pools/work-pool/{urllib.parse.quote(ss.work_pool)}",
-            env={**stack_env(settings, with_settings=True), **prefect_env},
+            # Heartbeats every 30 s: a flow run whose process died is seen as gone after ~100 s.
+            env={**stack_env(settings, with_settings=True), **prefect_env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"},
             cwd=_PROJECT_ROOT,
             health=lambda record: _worker_healthy(ss, services, record),
         ),

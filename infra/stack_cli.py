@@ -69,7 +69,20 @@ def up(
     except (stack.StackError, ValueError) as exc:
         _fail(exc)
     _print_table(rows, f"vecaf stack ({stack.state_dir(settings)})")
+    typer.echo(f"reconcile: {_reconcile(settings)}")
     typer.echo('Clients: eval "$(vecaf stack env)"   Stop: vecaf stack down')
+
+
+def _reconcile(settings: Settings) -> str:
+    """Free slots a restart leaked, crash runs whose process is gone, fail their MLflow runs (one line)."""
+    from flows.runtime import prefect_client_settings
+    from tasks.reconcile import reconcile
+    from vecaf.services import resolve_services
+
+    services = resolve_services(settings)
+    with prefect_client_settings(settings):
+        report = reconcile(tracking_uri=services.mlflow_tracking_uri, local_work_pool=settings.stack.work_pool)
+    return report.summary()
 
 
 @stack_app.command()

@@ -127,8 +127,9 @@ def _own_stack(state_dir: Path, **server_env: str) -> Iterator[tuple[Any, dict[s
 
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
-    """A stack of this module's own (Prefect's default lease storage: memory), the tiny flow deployed."""
-    with _own_stack(tmp_path_factory.mktemp("reliability") / "state") as value:
+    """A stack of this module's own with Prefect's default lease storage (memory), the tiny flow deployed."""
+    memory = {"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.memory"}
+    with _own_stack(tmp_path_factory.mktemp("reliability") / "state", **memory) as value:
         yield value
 
 
