@@ -63,6 +63,42 @@ class StackSettings(BaseModel):
         return self.feast_dir if self.feast_dir is not None else self.state_dir / "feast"
 
 
+class DeploySettings(BaseModel):
+    """Where and how ``vecaf deploy`` registers the flows (``flows/deploy.py``; see ``infra/PRODUCTION-deploy.md``).
+
+    Flows that run models on the accelerator for long (``gpu_flows``) go to ``gpu_pool``; the others
+    (caption, featurize, promote and the per-shard flows) to ``cpu_pool``.
+    """
+
+    source: str | None = Field(
+        None,
+        description="Where workers get the code: None = this checkout's folder (workers on this machine or an "
+        "image holding the code at the same path); a git URL (https://, ssh://, git@, *.git) cloned at `branch`; "
+        "or an s3:// prefix holding a copy of the repository (workers need s3fs).",
+    )
+    branch: str | None = Field(None, description="Git branch (or tag) of a git `source`; None = the remote's default.")
+    image: str | None = Field(
+        None, description="Worker image of kubernetes/docker pools (written into the pools' job templates)."
+    )
+    pool_type: str = Field("process", pattern="^(process|kubernetes|docker)$", description="Type of both pools.")
+    cpu_pool: str | None = Field(None, description="Work pool of the CPU flows; None = stack.work_pool.")
+    gpu_pool: str | None = Field(None, description="Work pool of the GPU flows; None = the CPU pool.")
+    gpu_flows: tuple[str, ...] = Field(
+        ("finetune", "vecaf-pipeline"), description="Flows deployed on the GPU pool (add 'caption-shard' for a VLM)."
+    )
+    job_variables: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Job variables per pool role, e.g. {'gpu': {'env': {'VECAF_MODELS__BATCH_SIZE': '128'}}}; "
+        "only the variables the project's job templates expose are accepted.",
+    )
+    manage_pool_templates: bool = Field(
+        True, description="Write the project's base job template (no caller-set command/image) onto the pools."
+    )
+    fan_out_shards: bool = Field(
+        True, description="In a deployed run, run each caption/embedding shard as its own flow run on the pool."
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the VeCAF pipeline."""
 
@@ -71,6 +107,7 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     stack: StackSettings = StackSettings()
+    deploy: DeploySettings = DeploySettings()
     seed: int = 0
     cache_dir: Path = Path(".vecaf/cache")
 
