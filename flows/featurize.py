@@ -5,7 +5,7 @@
 3. ``embed-image-shard`` per shard of each split: e_i = f(x_i) with the PVM (Eq. 7), cached images skipped.
 4. ``embed-text-shard`` per pool shard: t_i = the text encoder on the caption (CEA, Eq. 8-9); needs the
    ``caption`` flow's captions.
-   In a deployed run with ``deploy.fan_out_shards``, steps 3-4 are one ``run-shard-flows``: an
+   In a deployed run where ``deploy.fan_out_shards`` says so, steps 3-4 are one ``run-shard-flows``: an
    ``embed-shard`` flow run per shard on the pool (``tasks/fanout.py``), so the pool's workers share them.
 5. ``feast-materialize-incremental``: load the new rows into the online store.
 

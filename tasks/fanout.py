@@ -6,8 +6,9 @@ timeout=0)``, then waits for all of them. Each shard run writes its Parquet file
 publishes a one-row table artifact ``shard summary`` (counts and the worker that ran it), which is all the
 parent reads back: no result storage is shared between workers.
 
-Outside a deployment (a plain Python call in a notebook or a test), or with ``deploy.fan_out_shards`` off,
-or when the shard deployment is not registered, the flows run their shards in-process as before.
+Outside a deployment (a plain Python call in a notebook or a test), with ``deploy.fan_out_shards: never``,
+in ``auto`` mode on a ``process`` pool with fewer than two workers online, or when the shard deployment is
+not registered, the flows run their shards in-process as before.
 """
 
 from __future__ import annotations
@@ -39,23 +40,42 @@ def in_deployed_run() -> bool:
     return run is not None and run.deployment_id is not None
 
 
-def fan_out_deployment(enabled: bool, deployment: str) -> str | None:
+def fan_out_deployment(mode: str, deployment: str) -> str | None:
     """The shard deployment to fan out to, or None to run shards in-process.
 
-    Fan-out needs the setting on (``deploy.fan_out_shards``), a deployed run, and the shard deployment
-    registered on the server (``vecaf deploy`` registers it; an older deployment set runs in-process).
+    Args:
+        mode: ``deploy.fan_out_shards``: ``"always"``, ``"never"``, or ``"auto"`` (fan out on kubernetes/docker
+            pools, where each run gets its own pod or container; on a ``process`` pool only when two or more
+            workers are online, since one worker gains nothing but the start-up cost of a process per shard).
+        deployment: ``"<flow>/<deployment>"`` of the shard flow.
+
+    Fan-out also needs a deployed run and the shard deployment registered on the server (``vecaf deploy``
+    registers it; an older deployment set runs in-process).
     """
-    if not enabled or not in_deployed_run():
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"deploy.fan_out_shards must be 'auto', 'always' or 'never', got {mode!r}")
+    if mode == "never" or not in_deployed_run():
         return None
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    logger = get_run_logger()
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(deployment)
+            target = client.read_deployment_by_name(deployment)
         except ObjectNotFound:
-            get_run_logger().warning("shard deployment %s is not registered: shards run in-process", deployment)
+            logger.warning("shard deployment %s is not registered: shards run in-process", deployment)
             return None
+        if mode == "auto" and target.work_pool_name:
+            pool = client.read_work_pool(target.work_pool_name)
+            if pool.type == "process":
+                online = [w for w in client.read_workers_for_work_pool(pool.name) if w.status == "ONLINE"]
+                if len(online) < 2:
+                    logger.info(
+                        "%d worker(s) online on process pool %s: shards run in-process "
+                        "(deploy.fan_out_shards=always fans out anyway)", len(online), pool.name,
+                    )  # fmt: skip
+                    return None
     return deployment
 
 
@@ -119,10 +139,15 @@ def run_shard_flows_task(
                     logger.info("%d of %d shard runs still running or waiting for a worker", len(pending), len(runs))
                     last_log = time.monotonic()
                 time.sleep(poll_s)
-        return [_summary(client, r) for r in runs]
+        return [shard_summary(client, r) for r in runs]
 
 
-def _summary(client: Any, run: Any) -> dict[str, Any]:
+def shard_summary(client: Any, run: Any) -> dict[str, Any]:
+    """The ``shard summary`` row a shard flow run published, plus its ``flow_run_id``.
+
+    Raises:
+        RuntimeError: the run published none.
+    """
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
     artifacts = client.read_artifacts(

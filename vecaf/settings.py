@@ -94,8 +94,11 @@ class DeploySettings(BaseModel):
     manage_pool_templates: bool = Field(
         True, description="Write the project's base job template (no caller-set command/image) onto the pools."
     )
-    fan_out_shards: bool = Field(
-        True, description="In a deployed run, run each caption/embedding shard as its own flow run on the pool."
+    fan_out_shards: str = Field(
+        "auto",
+        pattern="^(auto|always|never)$",
+        description="In a deployed run, run each caption/embedding shard as its own flow run on the pool: 'always'; "
+        "'never'; 'auto' = always on kubernetes/docker pools, on a process pool only when 2+ workers are online.",
     )
 
 
