@@ -174,6 +174,31 @@ def test_a_flow_run_cannot_replace_the_worker_command(env, tmp_path: Path) -> No
     assert summary["start"] == 0 and summary["stop"] == 16 and summary["new"] + summary["cached"] == 16
 
 
+def test_a_git_source_at_a_branch_is_what_the_worker_runs(env, tmp_path: Path) -> None:
+    from flows.deploy import deploy, trigger
+    from vecaf.settings import load_settings
+
+    root = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip(f"the project is not a git checkout here: {head.stderr.strip()}")
+    remote = tmp_path / "vecaf.git"
+    subprocess.run(["git", "clone", "--quiet", "--bare", str(root), str(remote)], check=True, timeout=300)
+    subprocess.run(["git", "-C", str(remote), "branch", "vecaf-src", head.stdout.strip()], check=True)
+    settings = load_settings(deploy={"source": f"file://{remote}", "branch": "vecaf-src"})
+    ids = deploy(settings, flows=("embed-shard",))
+    with _client() as client:
+        dep = client.read_deployment(ids["embed-shard/on-demand"])
+    clone = dep.pull_steps[0]["prefect.deployments.steps.git_clone"]
+    assert clone["repository"] == f"file://{remote}" and clone["branch"] == "vecaf-src"
+    run = trigger(settings, "embed-shard/on-demand", _shard_params(16, 32), wait=True, timeout=600, poll_s=2.0)
+    assert run.state.is_completed(), run.state.message
+    assert _summaries([run])[0]["start"] == 16
+    with pytest.raises(ValueError, match="deploy.branch"):
+        deploy(load_settings(deploy={"branch": "main"}), flows=("embed-shard",))
+    deploy(load_settings(), flows=("embed-shard",))  # back to the checkout for the tests that follow
+
+
 def _summaries(runs: list[Any]) -> list[dict[str, Any]]:
     from tasks.fanout import shard_summary
 
