@@ -3,8 +3,8 @@
 1. ``load-dataset``: load the pool, hash its images, write its manifest, report corrupt images.
 2. ``caption-shard`` per shard of ``data.shard_size`` images: skip images already captioned with the same
    captioner and suffix (rerun cache), caption the rest, append them to the ``captions`` view. In a deployed
-   run where ``deploy.fan_out_shards`` says so (``tasks/fanout.py``), ``run-shard-flows`` instead starts one ``caption-shard`` flow run per
-   shard on the pool (``tasks/fanout.py``), so the pool's workers caption shards at once.
+   run where ``deploy.fan_out_shards`` says so, ``run-shard-flows`` instead starts one ``caption-shard`` flow
+   run per shard on the pool (``tasks/fanout.py``), so the pool's workers caption shards at once.
 
 Flow ``caption-shard``: one shard alone (the unit of the fan-out), with its summary as a table artifact.
 """

@@ -65,7 +65,8 @@ def featurize(
         texts = [r for r in shards if r["kind"] == "text"]
     else:
         image = [
-            embed_image_shard_task(data, models, split, a, b, rt.store_dir, rt.allow_hub) for split, a, b in image_bounds
+            embed_image_shard_task(data, models, split, a, b, rt.store_dir, rt.allow_hub)
+            for split, a, b in image_bounds
         ]
         texts = [embed_text_shard_task(data, models, prompt, a, b, rt.store_dir, rt.allow_hub) for a, b in text_bounds]
     views = feast_materialize_task(rt.store_dir)
@@ -105,7 +106,8 @@ def embed_shard_flow(
     """
     rt = runtime()
     if kind == "image":
-        result = embed_image_shard_task(data, models, split or data.train_split, start, stop, rt.store_dir, rt.allow_hub)
+        split = split or data.train_split
+        result = embed_image_shard_task(data, models, split, start, stop, rt.store_dir, rt.allow_hub)
     else:
         result = embed_text_shard_task(data, models, ood_prompt, start, stop, rt.store_dir, rt.allow_hub)
     return publish_shard_summary_task({**result, "kind": kind})

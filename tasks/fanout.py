@@ -30,7 +30,7 @@ _FINAL_FAILURES = ("FAILED", "CRASHED", "CANCELLED", "CANCELLING")
 
 
 def in_deployed_run() -> bool:
-    """True inside a flow run that a worker started (its process has ``PREFECT__FLOW_RUN_ID``) or that has a deployment."""
+    """True inside a flow run that a worker started (``PREFECT__FLOW_RUN_ID`` is set) or that has a deployment."""
     if os.environ.get("PREFECT__FLOW_RUN_ID"):
         return True
     from prefect.context import FlowRunContext
@@ -92,7 +92,7 @@ def publish_shard_summary_task(result: dict[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in result.items() if k in ("kind", "split", "start", "stop", "new", "cached")}
     row["worker"] = worker_name() or ""
     create_table_artifact(table=[row], description=SUMMARY_DESCRIPTION)
-    get_run_logger().info("shard %s run by worker %s", {k: row[k] for k in ("start", "stop") if k in row}, row["worker"])
+    get_run_logger().info("shard [%s:%s] run by worker %s", row.get("start"), row.get("stop"), row["worker"])
     return row
 
 

@@ -47,7 +47,9 @@ def _config_class(pool_type: str) -> Any:
             "prefect_kubernetes.worker", reason="prefect-kubernetes (extra 'kubernetes') is not installed"
         )
         return kubernetes_worker.KubernetesWorkerJobConfiguration
-    docker_worker = pytest.importorskip("prefect_docker.worker", reason="prefect-docker (extra 'docker') is not installed")
+    docker_worker = pytest.importorskip(
+        "prefect_docker.worker", reason="prefect-docker (extra 'docker') is not installed"
+    )
     return docker_worker.DockerWorkerJobConfiguration
 
 
@@ -66,7 +68,8 @@ def _worker_class(pool_type: str) -> Any:
 
 
 def _prepared_config(pool_type: str, template: dict[str, Any], values: dict[str, Any]) -> Any:
-    """The worker's job configuration for a flow run, built as ``from_template_and_values`` + ``prepare_for_flow_run`` do."""
+    """The worker's job configuration for a flow run, built as ``from_template_and_values`` and then
+    ``prepare_for_flow_run`` build it in a worker."""
     from prefect.client.schemas.objects import FlowRun
     from prefect.utilities.templating import apply_values
 
@@ -116,9 +119,16 @@ def test_the_flow_run_command_comes_from_the_worker_and_the_image_from_the_templ
         assert config.image == "registry.example/vecaf-worker:1.2"
 
 
+def _attempt_id(attempt: dict[str, Any]) -> str:
+    key = next(iter(attempt))
+    return f"{key}.{next(iter(attempt[key]))}" if key == "env" else key
+
+
 @pytest.mark.parametrize(("pool_type", "role"), CASES)
-@pytest.mark.parametrize("attempt", CALLER_ATTEMPTS, ids=lambda a: next(iter(a)) + ("." + next(iter(a["env"])) if "env" in a else ""))
-def test_a_caller_cannot_set_command_image_or_code_loading_env(pool_type: str, role: str, attempt: dict[str, Any]) -> None:
+@pytest.mark.parametrize("attempt", CALLER_ATTEMPTS, ids=_attempt_id)
+def test_a_caller_cannot_set_command_image_or_code_loading_env(
+    pool_type: str, role: str, attempt: dict[str, Any]
+) -> None:
     from prefect.utilities.schema_tools import ValidationError, validate
 
     schema = base_job_template(pool_type, role)["variables"]
@@ -134,7 +144,8 @@ def test_tuning_variables_are_still_accepted_and_reach_the_job(pool_type: str, r
     validate(values, base_job_template(pool_type, role)["variables"], raise_on_error=True, ignore_required=True)
     config = _prepared_config(pool_type, base_job_template(pool_type, role), values)
     if pool_type == "kubernetes":
-        env = {e["name"]: e.get("value") for e in config.job_manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
+        container = config.job_manifest["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
     else:
         env = config.env
     assert env["OMP_NUM_THREADS"] == "3" and env["VECAF_MODELS__BATCH_SIZE"] == "128"
@@ -154,7 +165,8 @@ def test_the_gpu_templates_request_nvidia_gpus_and_the_cpu_templates_do_not() ->
         else:
             assert "nvidia.com/gpu" not in limits and requests == []
     two = _prepared_config("kubernetes", base_job_template("kubernetes", "gpu"), {"gpu_count": 2})
-    assert int(two.job_manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 2
+    container = two.job_manifest["spec"]["template"]["spec"]["containers"][0]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 2
 
 
 def test_docker_gpu_device_request_is_one_docker_py_accepts() -> None:

@@ -249,6 +249,7 @@ def test_two_workers_share_the_shards_of_one_featurize_run(env, tmp_path: Path, 
 
     settings = load_settings()
     deploy(settings, flows=("featurize", "embed-shard"), gpu_limit=2)
+    pool = env.work_pool
     second = f"vecaf-second-{uuid.uuid4().hex[:6]}"
     log = tmp_path / "second-worker.log"
     with _client() as client:
@@ -258,10 +259,10 @@ def test_two_workers_share_the_shards_of_one_featurize_run(env, tmp_path: Path, 
     proc = _start_worker(env, second, log)
     try:
         with _client() as client:
-            _wait_until(
-                lambda: any(w.name == second and w.status == "ONLINE" for w in client.read_workers_for_work_pool(env.work_pool)),
-                timeout=180, what=f"worker {second} online",
-            )  # fmt: skip
+            def online() -> bool:
+                return any(w.name == second and w.status == "ONLINE" for w in client.read_workers_for_work_pool(pool))
+
+            _wait_until(online, timeout=180, what=f"worker {second} online")
         started = time.monotonic()
         run = trigger(
             settings, "featurize/on-demand", {"data": FAN_OUT_DATA.model_dump(mode="json"), "text": False},
