@@ -378,3 +378,141 @@ def wait_for_run(
             if timeout is not None and time.monotonic() - start > timeout:
                 raise TimeoutError(f"flow run {flow_run_id} did not finish within {timeout:.0f} s")
             time.sleep(poll_s)
+
+
+PREFECT_YAML_HEADER = """\
+# Deployments of the VeCAF pipeline, written by `vecaf deploy --write-prefect-yaml` from the settings.
+# `vecaf deploy --prefect-file <this file>` registers them (pools checked, job templates written first);
+# Prefect's own `prefect deploy --all --prefect-file <this file>` reads it too (without those checks).
+"""
+
+
+def _pull_step(source: Any) -> dict[str, Any]:
+    if isinstance(source, str):
+        return {"prefect.deployments.steps.set_working_directory": {"directory": source}}
+    step = source.to_pull_step()
+    return step[0] if isinstance(step, list) else step
+
+
+def prefect_yaml(
+    settings: Settings,
+    *,
+    pipeline_parameters: Mapping[str, Any] | None = None,
+    cron: str = DEFAULT_CRON,
+    timezone: str = "UTC",
+    paused: bool = False,
+    flows: tuple[str, ...] = tuple(_ENTRYPOINTS),
+) -> str:
+    """The deployments ``deploy`` would register, as a ``prefect.yaml`` (same arguments as :func:`deploy`).
+
+    Raises:
+        ValueError: an unknown flow name or a bad source.
+        WorkPoolError: job variables that the pools' templates refuse.
+    """
+    import yaml
+
+    unknown = sorted(set(flows) - set(_ENTRYPOINTS))
+    if unknown:
+        raise ValueError(f"unknown flow(s) {unknown}; deployable: {sorted(_ENTRYPOINTS)}")
+    pools = work_pools(settings)
+    job_variables = check_job_variables(settings)
+    deployments = []
+    for name in flows:
+        role = pool_role(settings, name)
+        entry: dict[str, Any] = {
+            "name": PIPELINE_DEPLOYMENT if name == "vecaf-pipeline" else ON_DEMAND,
+            "entrypoint": _ENTRYPOINTS[name],
+            "tags": ["vecaf"],
+            "enforce_parameter_schema": True,
+            "work_pool": {"name": pools[role], "job_variables": json.loads(json.dumps(job_variables[role]))},
+        }
+        if name == "vecaf-pipeline":
+            entry["schedules"] = [{"cron": cron, "timezone": timezone, "active": not paused}]
+            if pipeline_parameters is not None:
+                entry["parameters"] = json.loads(json.dumps(dict(pipeline_parameters)))
+        deployments.append(entry)
+    from prefect import __version__ as prefect_version
+
+    document = {
+        "name": "vecaf-pipeline",
+        "prefect-version": prefect_version,
+        "pull": [_pull_step(flow_source(settings))],
+        "deployments": deployments,
+    }
+    return PREFECT_YAML_HEADER + yaml.safe_dump(document, sort_keys=False)
+
+
+def read_prefect_yaml(settings: Settings, text: str) -> tuple[Settings, dict[str, Any]]:
+    """Turn a ``prefect.yaml`` of this project back into settings and :func:`deploy` keywords.
+
+    The ``deploy`` section of ``settings`` is replaced by what the file says (source and branch from its pull
+    step, the CPU and GPU pools and their job variables from the deployments' ``work_pool``); the pipeline's
+    schedule and parameters become ``cron``/``timezone``/``paused``/``pipeline_parameters``.
+
+    Returns:
+        ``(settings, keywords)`` for ``deploy(settings, **keywords)``.
+
+    Raises:
+        ValueError: not a mapping, an unknown entrypoint, a pull step other than a folder, git clone or
+            remote storage, more than two pools, or two job-variable sets for one pool; each names the part.
+    """
+    import yaml
+
+    document = yaml.safe_load(text) or {}
+    if not isinstance(document, dict) or not isinstance(document.get("deployments"), list):
+        raise ValueError("prefect.yaml must be a mapping with a 'deployments' list")
+    flow_of = {entry: name for name, entry in _ENTRYPOINTS.items()}
+    source: str | None = None
+    branch: str | None = None
+    for step in document.get("pull") or []:
+        (kind, args), = step.items()
+        if kind.endswith("set_working_directory"):
+            source = None if Path(args["directory"]) == PROJECT_ROOT else str(args["directory"])
+        elif kind.endswith("git_clone"):
+            source, branch = args["repository"], args.get("branch")
+        elif kind.endswith("pull_from_remote_storage"):
+            source = args["url"]
+        else:
+            raise ValueError(f"prefect.yaml pull step {kind!r} is not one vecaf deploy knows (folder, git, remote)")
+    flows: list[str] = []
+    pool_of: dict[str, str] = {}
+    variables_of: dict[str, dict[str, Any]] = {}
+    keywords: dict[str, Any] = {}
+    for i, entry in enumerate(document["deployments"]):
+        name = flow_of.get(entry.get("entrypoint"))
+        if name is None:
+            raise ValueError(
+                f"prefect.yaml deployments[{i}].entrypoint = {entry.get('entrypoint')!r} is not a flow of this "
+                f"project ({sorted(flow_of)})"
+            )
+        flows.append(name)
+        pool = (entry.get("work_pool") or {}).get("name") or settings.stack.work_pool
+        pool_of[name] = pool
+        variables = dict((entry.get("work_pool") or {}).get("job_variables") or {})
+        if variables_of.setdefault(pool, variables) != variables:
+            raise ValueError(f"prefect.yaml gives pool {pool!r} two different job_variables sets")
+        if name == "vecaf-pipeline":
+            schedule = (entry.get("schedules") or [{}])[0]
+            keywords.update(
+                cron=schedule.get("cron", DEFAULT_CRON), timezone=schedule.get("timezone", "UTC"),
+                paused=not schedule.get("active", True), pipeline_parameters=entry.get("parameters"),
+            )  # fmt: skip
+    pools = sorted(set(pool_of.values()), key=list(pool_of.values()).index)
+    if len(pools) > 2:
+        raise ValueError(f"prefect.yaml uses {len(pools)} work pools {pools}; vecaf deploys on two (CPU and GPU)")
+    if len(pools) == 1:
+        cpu_pool = gpu_pool = pools[0]
+        gpu_flows = settings.deploy.gpu_flows
+    else:  # the GPU pool is where training runs
+        trainer = next((n for n in ("finetune", "vecaf-pipeline") if n in pool_of), None)
+        gpu_pool = pool_of[trainer] if trainer else pools[-1]
+        cpu_pool = next(p for p in pools if p != gpu_pool)
+        gpu_flows = tuple(n for n in flows if pool_of[n] == gpu_pool)
+    deploy_settings = settings.deploy.model_copy(
+        update={
+            "source": source, "branch": branch, "cpu_pool": cpu_pool, "gpu_pool": gpu_pool, "gpu_flows": gpu_flows,
+            "job_variables": {"cpu": variables_of.get(cpu_pool, {}), "gpu": variables_of.get(gpu_pool, {})},
+        }
+    )  # fmt: skip
+    keywords["flows"] = tuple(flows)
+    return settings.model_copy(update={"deploy": deploy_settings}), keywords

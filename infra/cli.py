@@ -88,16 +88,30 @@ def deploy(
     cron: str = typer.Option("0 3 * * *", help="Cron schedule of the recurring pipeline (UTC)."),
     paused: bool = typer.Option(False, help="Create the schedule paused."),
     gpu_limit: int = typer.Option(1, help="Concurrency limit of tasks tagged 'gpu'."),
+    write_prefect_yaml: Optional[Path] = typer.Option(
+        None, "--write-prefect-yaml", help="Write the deployments as a prefect.yaml to this path; register nothing."
+    ),
+    prefect_file: Optional[Path] = typer.Option(
+        None, "--prefect-file", help="Register the deployments a prefect.yaml (as written above) describes."
+    ),
 ) -> None:
-    """Register the deployments on the stack's work pool (run `vecaf stack up` first)."""
+    """Register the deployments on the work pools of the settings (run `vecaf stack up` first)."""
     from flows.deploy import deploy as deploy_flows
+    from flows.deploy import prefect_yaml, read_prefect_yaml
     from vecaf.settings import load_settings
 
     pipeline = _load_params(params, {}) if params is not None else None
-    ids = deploy_flows(
-        load_settings(config), pipeline_parameters=None if pipeline is None else pipeline.flow_parameters(),
-        cron=cron, paused=paused, gpu_limit=gpu_limit,
-    )  # fmt: skip
+    settings = load_settings(config)
+    options: dict[str, Any] = {
+        "pipeline_parameters": None if pipeline is None else pipeline.flow_parameters(), "cron": cron, "paused": paused,
+    }
+    if write_prefect_yaml is not None:
+        write_prefect_yaml.write_text(prefect_yaml(settings, **options))
+        typer.echo(f"wrote {write_prefect_yaml}")
+        return
+    if prefect_file is not None:
+        settings, options = read_prefect_yaml(settings, prefect_file.read_text())
+    ids = deploy_flows(settings, gpu_limit=gpu_limit, **options)
     for name, dep_id in ids.items():
         typer.echo(f"{name}\t{dep_id}")
 

@@ -216,3 +216,31 @@ def test_the_worker_image_builds_and_imports_the_pipeline() -> None:
         assert run.stdout.strip() == "ok", run.stderr[-2000:]
     finally:
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=300)
+
+
+def test_prefect_yaml_round_trip_keeps_pools_roles_source_and_schedule() -> None:
+    from flows.deploy import _ENTRYPOINTS, check_job_variables, pool_role, prefect_yaml, read_prefect_yaml, work_pools
+    from vecaf.settings import Settings
+
+    settings = Settings(
+        deploy={
+            "pool_type": "kubernetes", "cpu_pool": "vecaf-cpu", "gpu_pool": "vecaf-gpu",
+            "source": "https://git.example/team/vecaf.git", "branch": "release-1",
+            "job_variables": {"gpu": {"gpu_count": 2, "env": {"OMP_NUM_THREADS": "8"}}},
+        }
+    )  # fmt: skip
+    text = prefect_yaml(settings, pipeline_parameters={"training": {"loops": 3}}, cron="0 5 * * 1", paused=True)
+    back, keywords = read_prefect_yaml(Settings(deploy={"pool_type": "kubernetes"}), text)
+    assert work_pools(back) == {"cpu": "vecaf-cpu", "gpu": "vecaf-gpu"}
+    assert {n: pool_role(back, n) for n in _ENTRYPOINTS} == {n: pool_role(settings, n) for n in _ENTRYPOINTS}
+    assert check_job_variables(back) == check_job_variables(settings)
+    assert (back.deploy.source, back.deploy.branch) == ("https://git.example/team/vecaf.git", "release-1")
+    assert keywords == {
+        "cron": "0 5 * * 1", "timezone": "UTC", "paused": True, "pipeline_parameters": {"training": {"loops": 3}},
+        "flows": tuple(_ENTRYPOINTS),
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"deployments\[0\]\.entrypoint"):
+        read_prefect_yaml(settings, text.replace("flows/pipeline.py:vecaf_pipeline", "evil.py:run"))
+    with pytest.raises(ValueError, match="pull step"):
+        shell = text.replace("prefect.deployments.steps.git_clone", "prefect.deployments.steps.run_shell_script")
+        read_prefect_yaml(settings, shell)

@@ -199,6 +199,31 @@ def test_a_git_source_at_a_branch_is_what_the_worker_runs(env, tmp_path: Path) -
     deploy(load_settings(), flows=("embed-shard",))  # back to the checkout for the tests that follow
 
 
+def test_the_cli_writes_a_prefect_yaml_and_deploys_what_it_says(env, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.deploy import WorkPoolError
+    from infra.cli import app
+
+    path = tmp_path / "prefect.yaml"
+    runner = CliRunner()
+    written = runner.invoke(app, ["deploy", "--write-prefect-yaml", str(path), "--cron", "0 4 * * *"])
+    assert written.exit_code == 0, written.output
+    edited = path.read_text().replace("0 4 * * *", "30 5 * * *")
+    assert edited != path.read_text()
+    path.write_text(edited)
+    deployed = runner.invoke(app, ["deploy", "--prefect-file", str(path)])
+    assert deployed.exit_code == 0, f"{deployed.output}\n{deployed.exception!r}"
+    with _client() as client:
+        pipeline = client.read_deployment_by_name("vecaf-pipeline/recurring-finetune")
+    assert [s.schedule.cron for s in pipeline.schedules] == ["30 5 * * *"]
+    assert pipeline.work_pool_name == env.work_pool
+    path.write_text(edited.replace(f"name: {env.work_pool}", "name: vecaf-typo-pool"))
+    refused = runner.invoke(app, ["deploy", "--prefect-file", str(path)])
+    assert refused.exit_code != 0 and isinstance(refused.exception, WorkPoolError)
+    assert "'vecaf-typo-pool'" in str(refused.exception)
+
+
 def _summaries(runs: list[Any]) -> list[dict[str, Any]]:
     from tasks.fanout import shard_summary
 
