@@ -66,16 +66,22 @@ def fan_out_deployment(mode: str, deployment: str) -> str | None:
         except ObjectNotFound:
             logger.warning("shard deployment %s is not registered: shards run in-process", deployment)
             return None
-        if mode == "auto" and target.work_pool_name:
-            pool = client.read_work_pool(target.work_pool_name)
-            if pool.type == "process":
-                online = [w for w in client.read_workers_for_work_pool(pool.name) if w.status == "ONLINE"]
-                if len(online) < 2:
-                    logger.info(
-                        "%d worker(s) online on process pool %s: shards run in-process "
-                        "(deploy.fan_out_shards=always fans out anyway)", len(online), pool.name,
-                    )  # fmt: skip
-                    return None
+        if not target.work_pool_name:
+            return deployment
+        pool = client.read_work_pool(target.work_pool_name)
+        if pool.concurrency_limit is not None and pool.concurrency_limit < 2:
+            logger.warning(
+                "work pool %s runs one flow run at a time: shards run in-process (this run holds the slot)", pool.name
+            )
+            return None
+        if mode == "auto" and pool.type == "process":
+            online = [w for w in client.read_workers_for_work_pool(pool.name) if w.status == "ONLINE"]
+            if len(online) < 2:
+                logger.info(
+                    "%d worker(s) online on process pool %s: shards run in-process "
+                    "(deploy.fan_out_shards=always fans out anyway)", len(online), pool.name,
+                )  # fmt: skip
+                return None
     return deployment
 
 

@@ -113,6 +113,22 @@ def test_fan_out_decision_on_a_process_pool_with_one_worker(env, monkeypatch) ->
     assert decide("auto") is None  # only the stack's worker is online: no gain from a process per shard
     with pytest.raises(ValueError, match="fan_out_shards"):
         fan_out_deployment("sometimes", EMBED_SHARD_DEPLOYMENT)
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    with _client() as client:
+        client.update_work_pool(env.work_pool, WorkPoolUpdate(concurrency_limit=1))
+        try:
+            assert decide("always") is None  # the waiting parent would hold the pool's only slot
+        finally:
+            client.update_work_pool(env.work_pool, WorkPoolUpdate(concurrency_limit=None))
+
+
+def test_the_caption_shard_flow_captions_its_shard_and_publishes_a_summary(env) -> None:
+    from flows.caption import caption_shard_flow
+
+    summary = caption_shard_flow(data=SHARD_DATA, start=0, stop=8)
+    assert summary["kind"] == "caption" and (summary["start"], summary["stop"]) == (0, 8)
+    assert summary["new"] + summary["cached"] == 8 and summary["worker"] == ""  # no worker in this process
 
 
 def _shard_params(start: int = 0, stop: int = 16) -> dict[str, Any]:
