@@ -100,8 +100,15 @@ def base_job_template(pool_type: str, role: str, *, image: str | None = None) ->
     return template
 
 
-def check_job_variables(settings: Settings) -> dict[str, dict[str, Any]]:
+def check_job_variables(
+    settings: Settings, templates: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """Validate ``deploy.job_variables`` against the job templates of the pools; returns them per role.
+
+    Args:
+        settings: the settings.
+        templates: ``{role: base job template}`` to check against (default: the project's templates of
+            ``deploy.pool_type``; ``prepare_work_pools`` passes the pools' own ones when it does not manage them).
 
     Raises:
         WorkPoolError: an unknown role key, or variables the template does not expose (e.g. ``command``).
@@ -115,13 +122,18 @@ def check_job_variables(settings: Settings) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for role in POOL_ROLES:
         values = dict(given.get(role) or {})
-        schema = base_job_template(settings.deploy.pool_type, role)["variables"]
+        template = templates[role] if templates else base_job_template(settings.deploy.pool_type, role)
+        schema = template.get("variables") or {}
+        where = (
+            f"work pool {work_pools(settings)[role]!r}"
+            if templates
+            else f"{settings.deploy.pool_type} job template {template_file(settings.deploy.pool_type, role).name}"
+        )
         try:
             validate(values, schema, raise_on_error=True, preprocess=False, ignore_required=True)
         except ValidationError as exc:
             raise WorkPoolError(
-                f"deploy.job_variables.{role} = {values!r} is refused by the {settings.deploy.pool_type} job template "
-                f"({template_file(settings.deploy.pool_type, role).name}): {exc}; allowed variables: "
+                f"deploy.job_variables.{role} = {values!r} is refused by the {where}: {exc}; allowed variables: "
                 f"{sorted(schema.get('properties', {}))}"
             ) from exc
         out[role] = values
@@ -275,11 +287,14 @@ def deploy(
     if unknown:
         raise ValueError(f"unknown flow(s) {unknown}; deployable: {sorted(_ENTRYPOINTS)}")
     pools = work_pools(settings)
-    job_variables = check_job_variables(settings)
+    manage = settings.deploy.manage_pool_templates
+    job_variables = check_job_variables(settings) if manage else {}
     flow_source(settings)  # a bad source fails here, before any pool is touched
     out: dict[str, str] = {}
     with prefect_api(settings):
-        prepare_work_pools(settings)
+        found = prepare_work_pools(settings)
+        if not manage:  # the pools keep their own templates: check against those
+            job_variables = check_job_variables(settings, {r: pool.base_job_template for r, pool in found.items()})
         ensure_gpu_limit(gpu_limit)
         for name in flows:
             role = pool_role(settings, name)
