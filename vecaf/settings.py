@@ -43,26 +43,6 @@ class DataSettings(BaseModel):
     strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and reporting it.")
 
 
-class StackSettings(BaseModel):
-    """The local servers started by ``vecaf stack up``."""
-
-    host: str = "127.0.0.1"
-    state_dir: Path = Path(".vecaf")
-    prefect_port: int = Field(4200, gt=0, lt=65536)
-    mlflow_port: int = Field(5000, gt=0, lt=65536)
-    s3_port: int = Field(9000, gt=0, lt=65536)
-    s3_access_key: str = "vecaf"
-    s3_secret_key: SecretStr = SecretStr("vecaf-secret-key")
-    bucket: str = "vecaf"
-    work_pool: str = "vecaf-process"
-    feast_dir: Path | None = Field(None, description="Feast repo/data folder; None means <state_dir>/feast.")
-
-    @property
-    def feast_path(self) -> Path:
-        """Where the Feast registry, online store and offline Parquet live."""
-        return self.feast_dir if self.feast_dir is not None else self.state_dir / "feast"
-
-
 class DeploySettings(BaseModel):
     """Where and how ``vecaf deploy`` registers the flows (``flows/deploy.py``; see ``infra/PRODUCTION-deploy.md``).
 
@@ -102,6 +82,26 @@ class DeploySettings(BaseModel):
     )
 
 
+class StackSettings(BaseModel):
+    """The local servers started by ``vecaf stack up``."""
+
+    host: str = "127.0.0.1"
+    state_dir: Path = Path(".vecaf")
+    prefect_port: int = Field(4200, gt=0, lt=65536)
+    mlflow_port: int = Field(5000, gt=0, lt=65536)
+    s3_port: int = Field(9000, gt=0, lt=65536)
+    s3_access_key: str = "vecaf"
+    s3_secret_key: SecretStr = SecretStr("vecaf-secret-key")
+    bucket: str = "vecaf"
+    work_pool: str = "vecaf-process"
+    feast_dir: Path | None = Field(None, description="Feast repo/data folder; None means <state_dir>/feast.")
+
+    @property
+    def feast_path(self) -> Path:
+        """Where the Feast registry, online store and offline Parquet live."""
+        return self.feast_dir if self.feast_dir is not None else self.state_dir / "feast"
+
+
 class Settings(BaseSettings):
     """All settings of the VeCAF pipeline."""
 
@@ -110,9 +110,9 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     stack: StackSettings = StackSettings()
-    deploy: DeploySettings = DeploySettings()
     seed: int = 0
     cache_dir: Path = Path(".vecaf/cache")
+    deploy: DeploySettings = DeploySettings()
 
     @classmethod
     def settings_customise_sources(
