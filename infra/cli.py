@@ -96,6 +96,25 @@ def deploy(
     ),
 ) -> None:
     """Register the deployments on the work pools of the settings (run `vecaf stack up` first)."""
+    if write_prefect_yaml is not None or prefect_file is not None:
+        return _deploy_with_prefect_yaml(config, params, cron, paused, gpu_limit, write_prefect_yaml, prefect_file)
+    from flows.deploy import deploy as deploy_flows
+    from vecaf.settings import load_settings
+
+    pipeline = _load_params(params, {}) if params is not None else None
+    ids = deploy_flows(
+        load_settings(config), pipeline_parameters=None if pipeline is None else pipeline.flow_parameters(),
+        cron=cron, paused=paused, gpu_limit=gpu_limit,
+    )  # fmt: skip
+    for name, dep_id in ids.items():
+        typer.echo(f"{name}\t{dep_id}")
+
+
+def _deploy_with_prefect_yaml(
+    config: Optional[Path], params: Optional[Path], cron: str, paused: bool, gpu_limit: int,
+    write_to: Optional[Path], read_from: Optional[Path],
+) -> None:  # fmt: skip
+    """``vecaf deploy --write-prefect-yaml`` (write the deployments, register nothing) / ``--prefect-file``."""
     from flows.deploy import deploy as deploy_flows
     from flows.deploy import prefect_yaml, read_prefect_yaml
     from vecaf.settings import load_settings
@@ -105,14 +124,12 @@ def deploy(
     options: dict[str, Any] = {
         "pipeline_parameters": None if pipeline is None else pipeline.flow_parameters(), "cron": cron, "paused": paused,
     }
-    if write_prefect_yaml is not None:
-        write_prefect_yaml.write_text(prefect_yaml(settings, **options))
-        typer.echo(f"wrote {write_prefect_yaml}")
+    if write_to is not None:
+        write_to.write_text(prefect_yaml(settings, **options))
+        typer.echo(f"wrote {write_to}")
         return
-    if prefect_file is not None:
-        settings, options = read_prefect_yaml(settings, prefect_file.read_text())
-    ids = deploy_flows(settings, gpu_limit=gpu_limit, **options)
-    for name, dep_id in ids.items():
+    settings, options = read_prefect_yaml(settings, read_from.read_text())
+    for name, dep_id in deploy_flows(settings, gpu_limit=gpu_limit, **options).items():
         typer.echo(f"{name}\t{dep_id}")
 
 
