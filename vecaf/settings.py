@@ -34,15 +34,6 @@ class ModelSettings(BaseModel):
     num_workers: int = Field(0, ge=0)
 
 
-class DataSettings(BaseModel):
-    """Where the image pool comes from."""
-
-    dataset: str = "fashion-mnist"
-    root: Path | None = Field(None, description="Dataset folder; None uses the dataset's default location.")
-    image_size: int | None = Field(None, gt=0, description="Override the PVM's input size (smaller is faster).")
-    strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and reporting it.")
-
-
 class DeploySettings(BaseModel):
     """Where and how ``vecaf deploy`` registers the flows (``flows/deploy.py``; see ``infra/PRODUCTION-deploy.md``).
 
@@ -82,6 +73,15 @@ class DeploySettings(BaseModel):
     )
 
 
+class DataSettings(BaseModel):
+    """Where the image pool comes from."""
+
+    dataset: str = "fashion-mnist"
+    root: Path | None = Field(None, description="Dataset folder; None uses the dataset's default location.")
+    image_size: int | None = Field(None, gt=0, description="Override the PVM's input size (smaller is faster).")
+    strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and reporting it.")
+
+
 class StackSettings(BaseModel):
     """The local servers started by ``vecaf stack up``."""
 
@@ -108,11 +108,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VECAF_", env_nested_delimiter="__", extra="forbid")
 
     models: ModelSettings = ModelSettings()
+    deploy: DeploySettings = DeploySettings()
     data: DataSettings = DataSettings()
     stack: StackSettings = StackSettings()
     seed: int = 0
     cache_dir: Path = Path(".vecaf/cache")
-    deploy: DeploySettings = DeploySettings()
 
     @classmethod
     def settings_customise_sources(
