@@ -38,8 +38,11 @@ class DeploySettings(BaseModel):
     """Where and how ``vecaf deploy`` registers the flows (``flows/deploy.py``; see ``infra/PRODUCTION-deploy.md``).
 
     Flows that run models on the accelerator for long (``gpu_flows``) go to ``gpu_pool``; the others
-    (caption, featurize, promote and the per-shard flows) to ``cpu_pool``.
+    (caption, featurize, promote and the per-shard flows) to ``cpu_pool``. Unknown keys are refused (a
+    misspelt pool setting must not silently deploy to the default pool).
     """
+
+    model_config = {"extra": "forbid"}
 
     source: str | None = Field(
         None,

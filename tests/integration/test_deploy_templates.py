@@ -244,3 +244,35 @@ def test_prefect_yaml_round_trip_keeps_pools_roles_source_and_schedule() -> None
     with pytest.raises(ValueError, match="pull step"):
         shell = text.replace("prefect.deployments.steps.git_clone", "prefect.deployments.steps.run_shell_script")
         read_prefect_yaml(settings, shell)
+
+
+@pytest.mark.parametrize(
+    ("deploy", "message"),
+    [
+        ({"gpu_pol": "vecaf-gpu"}, "gpu_pol"),
+        ({"pool_type": "ecs"}, "pool_type"),
+        ({"fan_out_shards": "sometimes"}, "fan_out_shards"),
+    ],
+)
+def test_bad_deploy_settings_name_the_setting(deploy: dict[str, Any], message: str) -> None:
+    from pydantic import ValidationError
+
+    from vecaf.settings import Settings
+
+    with pytest.raises(ValidationError, match=message):
+        Settings(deploy=deploy)
+
+
+def test_bad_sources_and_job_variable_roles_are_refused_before_any_server_call() -> None:
+    from flows.deploy import WorkPoolError, check_job_variables, flow_source
+    from vecaf.settings import Settings
+
+    with pytest.raises(ValueError, match="deploy.branch = 'main' needs a git URL"):
+        flow_source(Settings(deploy={"branch": "main"}))
+    with pytest.raises(WorkPoolError, match=r"keys must be pool roles \['cpu', 'gpu'\], got \['tpu'\]"):
+        check_job_variables(Settings(deploy={"job_variables": {"tpu": {}}}))
+    with pytest.raises(WorkPoolError, match="gpu_count"):
+        check_job_variables(Settings(deploy={"pool_type": "kubernetes", "job_variables": {"gpu": {"gpu_count": 64}}}))
+    assert str(flow_source(Settings())) == str(PROJECT_ROOT)
+    git = flow_source(Settings(deploy={"source": "git@git.example:team/vecaf.git", "branch": "main"}))
+    assert git.to_pull_step()["prefect.deployments.steps.git_clone"]["branch"] == "main"
