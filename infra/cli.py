@@ -272,8 +272,16 @@ def deploy(
     cron: str = typer.Option("0 3 * * *", help="Cron schedule of the recurring pipeline (UTC)."),
     paused: bool = typer.Option(False, help="Create the schedule paused."),
     gpu_limit: int = typer.Option(1, help="Concurrency limit of tasks tagged 'gpu'."),
+    write_prefect_yaml: Optional[Path] = typer.Option(
+        None, "--write-prefect-yaml", help="Write the deployments as a prefect.yaml to this path; register nothing."
+    ),
+    prefect_file: Optional[Path] = typer.Option(
+        None, "--prefect-file", help="Register the deployments a prefect.yaml (as written above) describes."
+    ),
 ) -> None:
-    """Register the deployments on the stack's work pool (run `vecaf stack up` first)."""
+    """Register the deployments on the work pools of the settings (run `vecaf stack up` first)."""
+    if write_prefect_yaml is not None or prefect_file is not None:
+        return _deploy_with_prefect_yaml(config, params, cron, paused, gpu_limit, write_prefect_yaml, prefect_file)
     from flows.deploy import deploy as deploy_flows
     from vecaf.settings import load_settings
 
@@ -284,6 +292,29 @@ def deploy(
         cron=cron, paused=paused, gpu_limit=gpu_limit,
     )  # fmt: skip
     for name, dep_id in ids.items():
+        typer.echo(f"{name}\t{dep_id}")
+
+
+def _deploy_with_prefect_yaml(
+    config: Optional[Path], params: Optional[Path], cron: str, paused: bool, gpu_limit: int,
+    write_to: Optional[Path], read_from: Optional[Path],
+) -> None:  # fmt: skip
+    """``vecaf deploy --write-prefect-yaml`` (write the deployments, register nothing) / ``--prefect-file``."""
+    from flows.deploy import deploy as deploy_flows
+    from flows.deploy import prefect_yaml, read_prefect_yaml
+    from vecaf.settings import load_settings
+
+    pipeline = _load_params(params, {}) if params is not None else None
+    settings = load_settings(config)
+    options: dict[str, Any] = {
+        "pipeline_parameters": None if pipeline is None else pipeline.flow_parameters(), "cron": cron, "paused": paused,
+    }
+    if write_to is not None:
+        write_to.write_text(prefect_yaml(settings, **options))
+        typer.echo(f"wrote {write_to}")
+        return
+    settings, options = read_prefect_yaml(settings, read_from.read_text())
+    for name, dep_id in deploy_flows(settings, gpu_limit=gpu_limit, **options).items():
         typer.echo(f"{name}\t{dep_id}")
 
 

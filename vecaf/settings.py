@@ -35,6 +35,48 @@ class ModelSettings(BaseModel):
     num_workers: int = Field(0, ge=0)
 
 
+class DeploySettings(BaseModel):
+    """Where and how ``vecaf deploy`` registers the flows (``flows/deploy.py``; see ``infra/PRODUCTION-deploy.md``).
+
+    Flows that run models on the accelerator for long (``gpu_flows``) go to ``gpu_pool``; the others
+    (caption, featurize, promote and the per-shard flows) to ``cpu_pool``. Unknown keys are refused (a
+    misspelt pool setting must not silently deploy to the default pool).
+    """
+
+    model_config = {"extra": "forbid"}
+
+    source: str | None = Field(
+        None,
+        description="Where workers get the code: None = this checkout's folder (workers on this machine or an "
+        "image holding the code at the same path); a git URL (https://, ssh://, git@, *.git) cloned at `branch`; "
+        "or an s3:// prefix holding a copy of the repository (workers need s3fs).",
+    )
+    branch: str | None = Field(None, description="Git branch (or tag) of a git `source`; None = the remote's default.")
+    image: str | None = Field(
+        None, description="Worker image of kubernetes/docker pools (written into the pools' job templates)."
+    )
+    pool_type: str = Field("process", pattern="^(process|kubernetes|docker)$", description="Type of both pools.")
+    cpu_pool: str | None = Field(None, description="Work pool of the CPU flows; None = stack.work_pool.")
+    gpu_pool: str | None = Field(None, description="Work pool of the GPU flows; None = the CPU pool.")
+    gpu_flows: tuple[str, ...] = Field(
+        ("finetune", "vecaf-pipeline"), description="Flows deployed on the GPU pool (add 'caption-shard' for a VLM)."
+    )
+    job_variables: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Job variables per pool role, e.g. {'gpu': {'env': {'VECAF_MODELS__BATCH_SIZE': '128'}}}; "
+        "only the variables the project's job templates expose are accepted.",
+    )
+    manage_pool_templates: bool = Field(
+        True, description="Write the project's base job template (no caller-set command/image) onto the pools."
+    )
+    fan_out_shards: str = Field(
+        "auto",
+        pattern="^(auto|always|never)$",
+        description="In a deployed run, run each caption/embedding shard as its own flow run on the pool: 'always'; "
+        "'never'; 'auto' = always on kubernetes/docker pools, on a process pool only when 2+ workers are online.",
+    )
+
+
 class DataSettings(BaseModel):
     """Where the image pool comes from."""
 
@@ -157,6 +199,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VECAF_", env_nested_delimiter="__", extra="forbid")
 
     models: ModelSettings = ModelSettings()
+    deploy: DeploySettings = DeploySettings()
     data: DataSettings = DataSettings()
     stack: StackSettings = StackSettings()
     feast: FeastSettings = FeastSettings()
