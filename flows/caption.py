@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.params import DataParams, ModelParams
+from flows.params import DataParams, ModelParams, OodPrompt
 from flows.runtime import runtime
 from tasks.captions import caption_shard_task
 from tasks.data import load_dataset_task, shard_bounds
@@ -26,7 +26,7 @@ from tasks.fanout import CAPTION_SHARD_DEPLOYMENT, fan_out_deployment, publish_s
 def caption(
     data: DataParams = DataParams(),
     models: ModelParams = ModelParams(),
-    ood_prompt: str | None = None,
+    ood_prompt: OodPrompt = None,
 ) -> dict[str, Any]:
     """Caption the pool.
 
@@ -68,7 +68,7 @@ def caption(
 def caption_shard_flow(
     data: DataParams = DataParams(),
     models: ModelParams = ModelParams(),
-    ood_prompt: str | None = None,
+    ood_prompt: OodPrompt = None,
     start: int = 0,
     stop: int = 0,
 ) -> dict[str, Any]:

@@ -281,6 +281,8 @@ def deploy(
     from prefect.schedules import Cron
 
     from flows.params import close_deployment_parameters
+    from tasks.reconcile import reconcile
+    from vecaf.services import resolve_services
 
     unknown = sorted(set(flows) - set(_ENTRYPOINTS))
     if unknown:
@@ -295,6 +297,7 @@ def deploy(
         if not manage:  # the pools keep their own templates: check against those
             job_variables = check_job_variables(settings, {r: pool.base_job_template for r, pool in found.items()})
         ensure_gpu_limit(gpu_limit)
+        reconcile(tracking_uri=resolve_services(settings).mlflow_tracking_uri, local_work_pool=settings.stack.work_pool)
         for name in flows:
             role = pool_role(settings, name)
             flow = Flow.from_source(source=flow_source(settings), entrypoint=_ENTRYPOINTS[name])

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.params import DataParams, ModelParams
+from flows.params import DataParams, ModelParams, OodPrompt
 from flows.runtime import runtime
 from tasks.fanout import EMBED_SHARD_DEPLOYMENT, fan_out_deployment, publish_shard_summary_task, run_shard_flows_task
 from tasks.data import load_dataset_task, shard_bounds
@@ -30,7 +30,7 @@ from tasks.features import feast_apply_task, feast_materialize_task
 def featurize(
     data: DataParams = DataParams(),
     models: ModelParams = ModelParams(),
-    ood_prompt: str | None = None,
+    ood_prompt: OodPrompt = None,
     text: bool = True,
 ) -> dict[str, Any]:
     """Embed the pool and the held-out split, and the pool's captions.
@@ -86,7 +86,7 @@ def embed_shard_flow(
     models: ModelParams = ModelParams(),
     kind: Literal["image", "text"] = "image",
     split: str | None = None,
-    ood_prompt: str | None = None,
+    ood_prompt: OodPrompt = None,
     start: int = 0,
     stop: int = 0,
 ) -> dict[str, Any]:

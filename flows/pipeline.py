@@ -27,6 +27,7 @@ from flows.params import (
     DataParams,
     ModelParams,
     ObjectiveParams,
+    OodPrompt,
     RegistryParams,
     TrainingParams,
     check_training_fits,
@@ -45,7 +46,7 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def vecaf_pipeline(
     data: DataParams = DataParams(),
     models: ModelParams = ModelParams(),
-    ood_prompt: str | None = None,
+    ood_prompt: OodPrompt = None,
     objective: ObjectiveParams = ObjectiveParams(),
     training: TrainingParams = TrainingParams(),
     registry: RegistryParams = RegistryParams(),

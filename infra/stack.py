@@ -573,8 +573,20 @@ def _ensure_bucket(services: ResolvedServices) -> None:
 
 
 def _check_work_pool(ss: StackSettings, services: ResolvedServices) -> None:
-    """Refuse a work pool of the stack's name that is not of type ``process`` (the worker creates a missing one)."""
+    """Create the stack's ``process`` work pool with the project's hardened base job template when missing.
+
+    The template (``infra/work_pools/process.json``) exposes no ``command`` variable, so a flow run cannot
+    replace what the worker runs. A pool of that name and another type is refused.
+    """
     code, pool = prefect_request(services, f"/work_pools/{urllib.parse.quote(ss.work_pool, safe='')}", timeout=10.0)
+    if code == 404:
+        from flows.deploy import base_job_template
+
+        body = {"name": ss.work_pool, "type": "process", "base_job_template": base_job_template("process", "cpu")}
+        created, answer = prefect_request(services, "/work_pools/", method="POST", body=body, timeout=10.0)
+        if created not in (200, 201, 409):
+            raise StackError(f"could not create work pool {ss.work_pool!r} (HTTP {created}): {answer}")
+        return
     if code == 200 and isinstance(pool, dict) and pool.get("type") != "process":
         raise StackError(
             f"work pool {ss.work_pool!r} exists with type {pool.get('type')!r}, not 'process'; "

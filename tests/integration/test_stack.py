@@ -221,7 +221,7 @@ def test_mlflow_artifact_is_proxied_into_the_bucket(stack) -> None:
 
 
 @pytest.mark.slow
-def test_process_work_pool_exists_and_the_worker_polls_it(stack) -> None:
+def test_process_work_pool_exists_hardened_and_the_worker_polls_it(stack) -> None:
     from prefect.client.orchestration import SyncPrefectClient
 
     with SyncPrefectClient(stack.prefect_api_url, auth_string=stack.prefect_auth_string) as client:
@@ -229,6 +229,8 @@ def test_process_work_pool_exists_and_the_worker_polls_it(stack) -> None:
         workers = client.read_workers_for_work_pool(stack.work_pool)
     assert pool.type == "process"
     assert "command" in pool.base_job_template["job_configuration"]
+    # created by `up` with the project's template: a flow run cannot replace the worker's command
+    assert "command" not in pool.base_job_template["variables"]["properties"]
     online = [w for w in workers if w.status.value == "ONLINE"]
     assert [w.name for w in online] == [worker_name(stack.settings)]
     record = read_record(stack.settings, "worker")
