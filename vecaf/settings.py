@@ -36,7 +36,7 @@ class ModelSettings(BaseModel):
 
 
 class DeploySettings(BaseModel):
-    """Where and how ``vecaf deploy`` registers the flows (``flows/deploy.py``; see ``infra/PRODUCTION-deploy.md``).
+    """Where and how ``vecaf deploy`` registers the flows (``flows/deploy.py``; see ``infra/deployments.md``).
 
     Flows that run models on the accelerator for long (``gpu_flows``) go to ``gpu_pool``; the others
     (caption, featurize, promote and the per-shard flows) to ``cpu_pool``. Unknown keys are refused (a
