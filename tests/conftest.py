@@ -20,6 +20,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _restore_environ():
+    """Give each test the environment it started with: code under test writes to it (``mlflow.set_tracking_uri``
+    sets ``MLFLOW_TRACKING_URI``), and a client variable left pointing at a test's own, stopped server would be
+    taken for an external service by the next test (``vecaf.services``: client variables win over the stack)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _deterministic_torch():
     import torch
 
