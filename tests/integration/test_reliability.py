@@ -10,6 +10,7 @@ its flow run, a nested ``loop-1`` run, a PENDING logged model). Then, for real:
   dead run.
 - ``kill -9`` of the flow-run process: after ``reconcile`` nothing of that run is RUNNING in Prefect or MLflow
   and the logged model is FAILED, not PENDING (finding 3).
+- ``kill -9`` of the worker mid-run: ``stack up`` starts a new one; nothing stays RUNNING; the next run completes.
 - a ``log_loop`` that fails half-way and is retried makes one nested run, not two.
 
 The flows below are deployed from this file (the worker imports it), so its top level imports only what a
@@ -340,6 +341,36 @@ def test_kill_9_of_the_flow_run_process_leaves_nothing_running_after_reconcile(o
     assert said and "errors" not in said[0], said
     print(f"\nstuck before reconcile: {before}; reconcile: {report.summary()}; "
           f"next run completed in {time.monotonic() - started:.1f} s")  # fmt: skip
+
+
+def test_kill_9_of_the_worker_mid_run_then_stack_up_leaves_nothing_stuck(own):
+    """Issue 11's proof, the worker: ``kill -9`` of the worker while its flow run holds the ``gpu`` slot.
+
+    ``stack up`` starts a new worker; the orphaned flow-run process finishes on its own (or is crashed by
+    ``reconcile`` if it died too); nothing stays RUNNING; the slot is free; the next run completes.
+    """
+    from infra.stack import read_record, status, up
+    from tasks.reconcile import reconcile
+
+    settings, urls = own
+    root = _run({"seconds": 20})
+    _wait("the holder task runs", lambda: _holding_task([root.id]), 180)
+    worker = read_record(settings.stack, "worker")
+    os.kill(worker.pid, signal.SIGKILL)
+    _wait("the worker is gone", lambda: not any(r.name == "worker" and r.running for r in status(settings)), 30)
+    up(settings, timeout=300.0)
+    assert read_record(settings.stack, "worker").pid != worker.pid
+    report = reconcile(
+        prefect_api_url=urls["prefect_api_url"], tracking_uri=urls["mlflow_url"],
+        local_work_pool=settings.stack.work_pool,
+    )
+    assert not report.errors, report.errors
+    done = _final(root.id, 300)
+    assert all(r.state.is_final() for r in _tree(root.id))
+    _wait("the gpu slot is free", lambda: _gpu_usage().active == 0, 120)
+    nxt = _final(_run({"seconds": 1, "watch_s": 600, "reconcile_first": True}).id, 300)
+    assert nxt.state.is_completed(), nxt.state.message
+    print(f"\nworker killed mid-run: the run ended {done.state.type.value}; the next run completed")
 
 
 def test_a_running_flow_run_without_heartbeat_is_crashed(own):
