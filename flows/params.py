@@ -222,6 +222,11 @@ class TrainingParams(_Params):
     )
     eval_every: int | None = Field(None, ge=1, description="Evaluate every n batches (default B // 10).")
     seed: int = Field(0, ge=0, description="Seed of the head, the selection and the batch order.")
+    init: Literal["champion", "base"] = Field(
+        "champion",
+        description="Start from the registered champion when its classes and architecture match (loop 1's "
+        "losses come from it), else from the base PVM; 'base': always the base PVM.",
+    )
 
     @model_validator(mode="after")
     def _budget_covers_loops(self) -> TrainingParams:

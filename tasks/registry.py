@@ -548,3 +548,84 @@ def move_champion_task(
 def describe_version_task(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
     """Prefect task around :func:`describe_version`."""
     return describe_version(tracking_uri, name, version)
+
+
+def resolve_init(
+    tracking_uri: str,
+    name: str,
+    init: str,
+    *,
+    class_names: list[str],
+    arch: str,
+    pvm: str,
+    mode: str,
+    input_size: list[int] | None,
+    dest: str,
+) -> dict[str, Any]:
+    """Where a run starts (``training.init``): the champion of ``name`` when it fits, else the base PVM.
+
+    The champion is read with :func:`read_aliases` (its storage format checked, nothing deserialized); when
+    it is in the pipeline's format its ``config.json`` and weights are downloaded into ``dest/v<version>``
+    and :func:`vecaf.train.warm_start.choose_init` decides from the configuration.
+
+    Returns:
+        ``{"used": "champion" | "base", "reason", "version": champion version or None,
+        "model_dir": the downloaded champion folder when used, else None}``.
+    """
+    from pathlib import Path
+
+    from vecaf.models.classifier import CONFIG_FILE, WEIGHTS_FILE
+    from vecaf.train.warm_start import choose_init
+
+    facts = dict(class_names=class_names, arch=arch, pvm=pvm, mode=mode, input_size=input_size)
+    if init == "base":
+        choice = choose_init(init, None, **facts)
+        return {"used": choice.used, "reason": choice.reason, "version": None, "model_dir": None}
+    champion = read_aliases(tracking_uri, name)[CHAMPION]  # a model never registered: no champion
+    if champion is None or champion["format_error"] is not None:
+        error = None if champion is None else champion["format_error"]
+        version = None if champion is None else champion["version"]
+        choice = choose_init(init, None, champion_error=error, champion_version=version, **facts)
+        return {"used": choice.used, "reason": choice.reason, "version": version, "model_dir": None}
+    import mlflow.artifacts
+
+    from tasks.tracking import check_stored_model
+
+    stored = check_stored_model(tracking_uri, champion["model_id"])
+    folder = Path(dest) / f"v{champion['version']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with talking_to("MLflow tracking server", tracking_uri):
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{stored['artifact_uri'].rstrip('/')}/{CONFIG_FILE}", dst_path=str(folder),
+            tracking_uri=tracking_uri,
+        )  # fmt: skip
+    import json
+
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    choice = choose_init(init, config, champion_version=champion["version"], **facts)
+    if choice.warm:
+        with talking_to("MLflow tracking server", tracking_uri):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{stored['artifact_uri'].rstrip('/')}/{WEIGHTS_FILE}", dst_path=str(folder),
+                tracking_uri=tracking_uri,
+            )  # fmt: skip
+    return {
+        "used": choice.used, "reason": choice.reason, "version": champion["version"],
+        "model_dir": str(folder) if choice.warm else None,
+    }  # fmt: skip
+
+
+@task(name="resolve-init", **SERVER_TASK)
+def resolve_init_task(
+    tracking_uri: str, name: str, init: str, mode: str, class_names: list[str], models: Any, data: Any, dest: str
+) -> dict[str, Any]:
+    """Prefect task around :func:`resolve_init` for the run's PVM (``models``) and input size (``data``);
+    logs the choice and why."""
+    from tasks.embeddings import get_pvm
+
+    pvm = get_pvm(models.pvm, models.pvm_checkpoint, False)
+    input_size = list(pvm.transform(image_size=data.image_size).data_config["input_size"])
+    out = resolve_init(tracking_uri, name, init, class_names=list(class_names), arch=pvm.arch, pvm=str(pvm.name),
+                       mode=mode, input_size=[int(v) for v in input_size], dest=dest)  # fmt: skip
+    get_run_logger().info("training starts from the %s: %s", out["used"], out["reason"])
+    return out

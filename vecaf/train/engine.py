@@ -47,6 +47,8 @@ from vecaf.train import checkpoint as ckpt
 from vecaf.train import ddp
 from vecaf.train.evaluate import EvalPoint, batches_to_accuracy, classification_metrics
 from vecaf.train.head import Network, install_head, make_head, prepare_backbone
+from vecaf.train.rows import Rows as _Rows
+from vecaf.train.rows import as_rows as _as_rows
 
 __all__ = ["FULL_DATA", "FinetuneResult", "LoopRecord", "TrainingDivergedError", "finetune", "loop_batches"]
 
@@ -54,8 +56,7 @@ FULL_DATA = "full"
 MODES = ("head", "full")
 CHECKPOINT_FORMAT = 1
 # fingerprint fields added after format 1 was written, with the value older checkpoints were made under
-_FINGERPRINT_DEFAULTS: dict[str, Any] = {"cumulative": False}
-_MATERIALIZE_LIMIT_BYTES = 2 << 30
+_FINGERPRINT_DEFAULTS: dict[str, Any] = {"cumulative": False, "replay": 0.0}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -230,52 +231,6 @@ def _derive(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([int(seed), *[int(k) for k in keys]]).generate_state(1)[0])
 
 
-class _Rows:
-    """Model inputs addressed by pool index: an in-memory tensor, or a dataset read on demand."""
-
-    def __init__(self, tensor: torch.Tensor | None = None, dataset: Any = None, transform: Callable | None = None):
-        self.tensor, self.dataset, self.transform = tensor, dataset, transform
-
-    def __len__(self) -> int:
-        return int(self.tensor.shape[0]) if self.tensor is not None else len(self.dataset)
-
-    def take(self, idx: np.ndarray) -> torch.Tensor:
-        if self.tensor is not None:
-            return self.tensor[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
-        return torch.stack([_item_tensor(self.dataset[int(i)], self.transform) for i in idx])
-
-
-def _item_tensor(item: Any, transform: Callable | None) -> torch.Tensor:
-    image = item[1] if isinstance(item, tuple) else item
-    if transform is not None:
-        image = transform(image)
-    if not isinstance(image, torch.Tensor):
-        raise ValueError(
-            f"dataset items must give tensors (pass transform=... or a PVM), got {type(image).__name__}"
-        )
-    return image.float()
-
-
-def _as_rows(data: Any, *, transform: Callable | None, name: str, materialize: bool | None = None) -> _Rows:
-    if isinstance(data, (torch.Tensor, np.ndarray)):
-        tensor = torch.as_tensor(np.asarray(data) if isinstance(data, np.ndarray) else data).float()
-        if tensor.ndim < 2 or tensor.shape[0] == 0:
-            raise ValueError(f"{name} must be a non-empty array with one row per sample, got {tuple(tensor.shape)}")
-        return _Rows(tensor=tensor)
-    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-        raise ValueError(f"{name} must be a dataset, an (inputs, labels) pair or an array, got {type(data).__name__}")
-    if len(data) == 0:
-        raise ValueError(f"{name} is empty")
-    rows = _Rows(dataset=data, transform=transform)
-    if materialize is None:
-        first = rows.take(np.arange(1))
-        materialize = first.numel() * first.element_size() * len(data) <= _MATERIALIZE_LIMIT_BYTES
-    if materialize:
-        parts = [rows.take(np.arange(s, min(s + 256, len(data)))) for s in range(0, len(data), 256)]
-        return _Rows(tensor=torch.cat(parts))
-    return rows
-
-
 def _split_data(data: Any, name: str) -> tuple[Any, np.ndarray, list[str] | None]:
     """(inputs, labels, class_names) of a dataset with ``.labels`` or an ``(inputs, labels)`` pair."""
     if isinstance(data, tuple) and len(data) == 2:
@@ -445,6 +400,7 @@ def finetune(
     lam_bw: float = 0.998,
     exclude_previous: bool = True,
     cumulative: bool = False,
+    replay: float = 0.0,
     use_losses: bool = True,
     eval_every: int | None = None,
     eval_at_start: bool = True,
@@ -504,6 +460,9 @@ def finetune(
             union of the picks of loops 1..l (the growing labelled set of classic active learning; the
             batch budget is unchanged), and the CEA constants (Eq. 8-9) are computed over that union.
             Ignored by full-data finetuning.
+        replay: with ``cumulative=False``, the share of each training batch drawn from the picks of earlier
+            loops (replay), the rest from the loop's own picks; 0 (default) is the paper's protocol. The CEA
+            constants then cover the loop's picks and the earlier ones. Must lie in [0, 1).
         use_losses: give the per-sample losses to the selection; False passes constant losses, which
             removes the loss weighting of Eq. 7 (the "ODS off" row of Table 5).
         eval_every: evaluate on the test split every n global batches (default B // 10); loop ends and
@@ -564,6 +523,11 @@ def finetune(
         raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
     if not isinstance(cumulative, (bool, np.bool_)):
         raise ValueError(f"cumulative must be True or False, got {cumulative!r}")
+    replay = float(replay)
+    if not (0.0 <= replay < 1.0):
+        raise ValueError(f"replay must lie in [0, 1), got {replay}")
+    if replay > 0 and cumulative:
+        raise ValueError("replay is for the per-loop protocol: pass cumulative=False with replay > 0")
     if resume and checkpoint_dir is None and not isinstance(resume, (str, Path)):
         raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint file as resume=path)")
 
@@ -634,6 +598,7 @@ def finetune(
             lam_bw=lam_bw,
             exclude_previous=bool(exclude_previous),
             cumulative=bool(cumulative),
+            replay=replay,
             use_losses=bool(use_losses),
             eval_every=int(eval_every),
             eval_at_start=bool(eval_at_start),
@@ -926,7 +891,7 @@ class _Run:
         exactly as without ``cumulative``. ``self.records`` holds the earlier loops (restored from the
         checkpoint on resume).
         """
-        if self.full_data or not self.cumulative:
+        if self.full_data or not (self.cumulative or self.replay > 0):
             return picks
         chosen = np.concatenate([r.picks for r in self.records] + [np.asarray(picks, dtype=np.int64)])
         _, first = np.unique(chosen, return_index=True)
@@ -972,9 +937,18 @@ class _Run:
             message, loop=loop, batches=self.step + 1, checkpoint=self.last_checkpoint, result=self._result(None)
         )
 
-    def _train_loop(self, loop: int, subset: np.ndarray) -> float:
+    def _train_loop(self, loop: int, subset: np.ndarray, picks: np.ndarray | None = None) -> float:
         rng = np.random.default_rng(_derive(self.seed, 4, loop))
-        batches = epoch_batches(subset, self.per_loop[loop], self.batch_size, rng)
+        if self.replay > 0 and picks is not None:
+            # replay: each batch holds n_old samples of earlier loops' picks, the rest from this loop's picks
+            earlier = np.setdiff1d(subset, picks)
+            n_old = min(int(round(self.replay * self.batch_size)), self.batch_size - 1) if earlier.size else 0
+            batches = epoch_batches(picks, self.per_loop[loop], self.batch_size - n_old, rng)
+            if n_old:
+                old = epoch_batches(earlier, self.per_loop[loop], n_old, rng)
+                batches = np.concatenate([batches, old], axis=1)
+        else:
+            batches = epoch_batches(subset, self.per_loop[loop], self.batch_size, rng)
         share = ddp.row_block(self.batch_size, self.ctx)
         cea = getattr(self, "loop_cea", None) if self.cea_forward else None
         self._train_mode()
@@ -1029,6 +1003,7 @@ class _Run:
             "cea": bool(self.cea_forward),
             "exclude_previous": self.exclude_previous,
             "cumulative": bool(self.cumulative) and not self.full_data,
+            "replay": 0.0 if self.full_data else float(self.replay),
             "use_losses": self.use_losses,
             "seed": self.seed,
             "pool_size": len(self.train_labels),
@@ -1110,7 +1085,7 @@ class _Run:
             self.timings["select"] += seconds["select"]
             t0 = time.perf_counter()
             eval_before = self.timings["eval"]
-            train_loss = self._train_loop(loop, self._training_set(picks))
+            train_loss = self._train_loop(loop, self._training_set(picks), None if self.full_data else picks)
             point = self._evaluate(loop)
             eval_seconds = self.timings["eval"] - eval_before
             train_seconds = time.perf_counter() - t0 - eval_seconds
