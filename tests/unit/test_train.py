@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vecaf.train.engine as engine
+import vecaf.train.plan as plan
 from vecaf.train import (
     EvalPoint,
     TrainingDivergedError,
@@ -575,14 +576,14 @@ def test_a_model_whose_head_fits_is_kept_without_a_warning(data):
 def _record_training_batches(monkeypatch):
     """Spy on the batches the training loop draws: one (subset, batches) entry per loop."""
     drawn = []
-    real = engine.epoch_batches
+    real = plan.epoch_batches
 
     def spy(subset, n_batches, batch_size, rng):
         batches = real(subset, n_batches, batch_size, rng)
         drawn.append((np.array(subset, copy=True), batches.copy()))
         return batches
 
-    monkeypatch.setattr(engine, "epoch_batches", spy)
+    monkeypatch.setattr(plan, "epoch_batches", spy)
     return drawn
 
 

@@ -47,6 +47,8 @@ from vecaf.train import checkpoint as ckpt
 from vecaf.train import ddp
 from vecaf.train.evaluate import EvalPoint, batches_to_accuracy, classification_metrics
 from vecaf.train.head import Network, install_head, make_head, prepare_backbone
+from vecaf.train.plan import derive_seed as _derive
+from vecaf.train.plan import epoch_batches, loop_batches, training_batches, training_set
 from vecaf.train.rows import Rows as _Rows
 from vecaf.train.rows import as_rows as _as_rows
 
@@ -189,46 +191,6 @@ class FinetuneResult:
             "notes": list(self.notes),
             "checkpoints": list(self.checkpoints),
         }
-
-
-def loop_batches(batch_budget: int, loops: int) -> list[int]:
-    """Split B batches over L loops: B // L each, the first B mod L loops one more.
-
-    Raises:
-        ValueError: B < L (a loop would train no batch), or either is not a positive integer.
-    """
-    for name, value in (("batch_budget", batch_budget), ("loops", loops)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if batch_budget < loops:
-        raise ValueError(
-            f"batch_budget ({batch_budget}) is smaller than the number of loops ({loops}): every loop must "
-            "train at least one batch"
-        )
-    base, extra = divmod(int(batch_budget), int(loops))
-    return [base + (1 if i < extra else 0) for i in range(int(loops))]
-
-
-def epoch_batches(subset: np.ndarray, n_batches: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """``n_batches`` batches of pool indices that walk through reshuffled epochs of ``subset``.
-
-    The stream is perm_1(subset) ++ perm_2(subset) ++ ..., cut into consecutive batches of ``batch_size``;
-    a batch may span two epochs (and then hold a sample twice when the subset is smaller than a batch).
-
-    Returns:
-        (n_batches, batch_size) int64 array.
-    """
-    subset = np.asarray(subset, dtype=np.int64)
-    if subset.size == 0:
-        raise ValueError("cannot draw batches from an empty subset")
-    need = n_batches * batch_size
-    epochs = -(-need // subset.size)
-    stream = np.concatenate([rng.permutation(subset) for _ in range(epochs)])
-    return stream[:need].reshape(n_batches, batch_size)
-
-
-def _derive(seed: int, *keys: int) -> int:
-    return int(np.random.SeedSequence([int(seed), *[int(k) for k in keys]]).generate_state(1)[0])
 
 
 def _split_data(data: Any, name: str) -> tuple[Any, np.ndarray, list[str] | None]:
@@ -636,19 +598,76 @@ def _device_for(device: str, ctx: ddp.DistContext) -> torch.device:
     return dev
 
 
+@dataclass(eq=False)
 class _Run:
-    """One finetuning run's state; :meth:`execute` does the loops."""
+    """One finetuning run: the settings :func:`finetune` resolved and checked (explicit fields), the run's
+    state, and :meth:`execute`, which does the loops.
 
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
-        self.notes: list[str] = []
-        self.timings = {"features": 0.0, "pass": 0.0, "select": 0.0, "train": 0.0, "eval": 0.0}
-        self.curve: list[EvalPoint] = []
-        self.train_curve: list[tuple[int, float]] = []
-        self.records: list[LoopRecord] = []
-        self.checkpoints: list[str] = []
-        self.step = 0
-        self.last_checkpoint: Path | None = None
+    The parts, in the order a loop uses them: loop plan (``vecaf.train.plan``: batches per loop, the
+    training set, the batch order), selection step (:meth:`_select`), training step (:meth:`_train_loop`),
+    evaluation (:meth:`_evaluate`), checkpoint (:meth:`_save` / :meth:`_load`).
+    """
+
+    # what trains, on what
+    model: nn.Module | None
+    mode: str
+    method: str
+    full_data: bool
+    train: tuple[Any, np.ndarray]
+    test: tuple[Any, np.ndarray]
+    num_classes: int
+    transform: Callable | None
+    train_features: Any
+    test_features: Any
+    image_size: int | None
+    # the loop plan
+    k: int
+    per_loop: list[int]
+    batch_size: int
+    exclude_previous: bool
+    cumulative: bool
+    replay: float
+    # the optimiser and the objective
+    lr: float
+    weight_decay: float
+    momentum: float
+    schedule: str
+    objective: Any
+    target_class: int | None
+    class_weights: Any
+    # CEA and selection
+    text_embeddings: Any
+    eta: float
+    lam_bw: float
+    use_losses: bool
+    selection_options: dict[str, Any]
+    # evaluation, checkpoints, execution
+    eval_every: int
+    eval_at_start: bool
+    targets: tuple[float, ...]
+    eval_batch_size: int
+    checkpoint_dir: Path | None
+    resume: bool | str | Path
+    seed: int
+    device: torch.device
+    amp: bool
+    compile: bool
+    freeze_bn: bool
+    callbacks: _Callbacks
+    return_model: bool
+    ctx: ddp.DistContext
+    # the run's state
+    notes: list[str] = field(default_factory=list, init=False)
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"features": 0.0, "pass": 0.0, "select": 0.0, "train": 0.0, "eval": 0.0}, init=False
+    )
+    curve: list[EvalPoint] = field(default_factory=list, init=False)
+    train_curve: list[tuple[int, float]] = field(default_factory=list, init=False)
+    records: list[LoopRecord] = field(default_factory=list, init=False)
+    checkpoints: list[str] = field(default_factory=list, init=False)
+    step: int = field(default=0, init=False)
+    last_checkpoint: Path | None = field(default=None, init=False)
+    loop_cea: dict[str, Any] | None = field(default=None, init=False)
 
     # ----- set-up -------------------------------------------------------------------------------------
     def _note(self, text: str, *, warn: bool = False) -> None:
@@ -885,17 +904,12 @@ class _Run:
         return picks, losses[picks], emb, seconds
 
     def _training_set(self, picks: np.ndarray) -> np.ndarray:
-        """What the current loop trains on: its picks, or (cumulative) the union with every earlier loop's.
-
-        The union lists the picks in loop order, each sample once (at its first pick), so loop 1 trains
-        exactly as without ``cumulative``. ``self.records`` holds the earlier loops (restored from the
-        checkpoint on resume).
-        """
-        if self.full_data or not (self.cumulative or self.replay > 0):
+        """What the current loop trains on (``vecaf.train.plan.training_set``); ``self.records`` holds the
+        earlier loops (restored from the checkpoint on resume)."""
+        if self.full_data:
             return picks
-        chosen = np.concatenate([r.picks for r in self.records] + [np.asarray(picks, dtype=np.int64)])
-        _, first = np.unique(chosen, return_index=True)
-        return chosen[np.sort(first)]
+        earlier = [r.picks for r in self.records]
+        return training_set(picks, earlier, cumulative=self.cumulative, replay=self.replay)
 
     def _cea_constants(self, emb: np.ndarray, picks: np.ndarray) -> dict[str, Any] | None:
         """Projected t and step s = eta K alpha (Eq. 8-9) of the loop's training set (``picks``: its pool
@@ -939,18 +953,9 @@ class _Run:
 
     def _train_loop(self, loop: int, subset: np.ndarray, picks: np.ndarray | None = None) -> float:
         rng = np.random.default_rng(_derive(self.seed, 4, loop))
-        if self.replay > 0 and picks is not None:
-            # replay: each batch holds n_old samples of earlier loops' picks, the rest from this loop's picks
-            earlier = np.setdiff1d(subset, picks)
-            n_old = min(int(round(self.replay * self.batch_size)), self.batch_size - 1) if earlier.size else 0
-            batches = epoch_batches(picks, self.per_loop[loop], self.batch_size - n_old, rng)
-            if n_old:
-                old = epoch_batches(earlier, self.per_loop[loop], n_old, rng)
-                batches = np.concatenate([batches, old], axis=1)
-        else:
-            batches = epoch_batches(subset, self.per_loop[loop], self.batch_size, rng)
+        batches = training_batches(subset, picks, self.per_loop[loop], self.batch_size, rng, replay=self.replay)
         share = ddp.row_block(self.batch_size, self.ctx)
-        cea = getattr(self, "loop_cea", None) if self.cea_forward else None
+        cea = self.loop_cea if self.cea_forward else None
         self._train_mode()
         losses = []
         last = len(batches) - 1
