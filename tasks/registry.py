@@ -615,17 +615,23 @@ def resolve_init(
     }  # fmt: skip
 
 
+def run_architecture(models: Any, data: Any, *, allow_hub: bool = False) -> dict[str, Any]:
+    """``{"arch", "pvm", "input_size"}`` of the network a run with these ``ModelParams``/``DataParams`` trains
+    (what :func:`resolve_init` compares a champion with)."""
+    from tasks.embeddings import get_pvm
+
+    pvm = get_pvm(models.pvm, models.pvm_checkpoint, allow_hub)
+    size = pvm.transform(image_size=data.image_size).data_config["input_size"]
+    return {"arch": pvm.arch, "pvm": str(pvm.name), "input_size": [int(v) for v in size]}
+
+
 @task(name="resolve-init", **SERVER_TASK)
 def resolve_init_task(
     tracking_uri: str, name: str, init: str, mode: str, class_names: list[str], models: Any, data: Any, dest: str
 ) -> dict[str, Any]:
-    """Prefect task around :func:`resolve_init` for the run's PVM (``models``) and input size (``data``);
-    logs the choice and why."""
-    from tasks.embeddings import get_pvm
-
-    pvm = get_pvm(models.pvm, models.pvm_checkpoint, False)
-    input_size = list(pvm.transform(image_size=data.image_size).data_config["input_size"])
-    out = resolve_init(tracking_uri, name, init, class_names=list(class_names), arch=pvm.arch, pvm=str(pvm.name),
-                       mode=mode, input_size=[int(v) for v in input_size], dest=dest)  # fmt: skip
+    """Prefect task around :func:`resolve_init` for the run's network (:func:`run_architecture`); logs the
+    choice and why."""
+    out = resolve_init(tracking_uri, name, init, class_names=list(class_names), mode=mode, dest=dest,
+                       **run_architecture(models, data))  # fmt: skip
     get_run_logger().info("training starts from the %s: %s", out["used"], out["reason"])
     return out

@@ -17,7 +17,7 @@ def test_resolve_init_uses_a_fitting_champion_and_refuses_others(env, models, tm
     from flows.promote import promote
     from flows.params import RegistryParams
     from tasks.data import load_split
-    from tasks.registry import resolve_init_task
+    from tasks.registry import resolve_init, run_architecture
     from vecaf.models.classifier import load_classifier
 
     name = f"vecaf-test-init-{uuid.uuid4().hex[:8]}"
@@ -25,7 +25,8 @@ def test_resolve_init_uses_a_fitting_champion_and_refuses_others(env, models, tm
     dest = str(tmp_path / "champions")
 
     def resolve(init="champion", class_names=classes, mode="head", data=DATA):
-        return resolve_init_task.fn(env.mlflow_url, name, init, mode, class_names, ModelParams(), data, dest)
+        return resolve_init(env.mlflow_url, name, init, class_names=class_names, mode=mode, dest=dest,
+                            **run_architecture(ModelParams(), data))
 
     first = resolve()
     assert first["used"] == "base" and "no champion yet" in first["reason"] and first["model_dir"] is None

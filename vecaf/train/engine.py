@@ -44,11 +44,16 @@ import torch
 from torch import nn
 
 from vecaf.train import checkpoint as ckpt
+from vecaf.train.checkpoint import point_from_state as _point_from_state
+from vecaf.train.checkpoint import point_state as _point_state
+from vecaf.train.checkpoint import record_from_state as _record_from_state
+from vecaf.train.checkpoint import record_state as _record_state
 from vecaf.train import ddp
 from vecaf.train.evaluate import EvalPoint, batches_to_accuracy, classification_metrics
 from vecaf.train.head import Network, install_head, make_head, prepare_backbone
 from vecaf.train.plan import derive_seed as _derive
 from vecaf.train.plan import epoch_batches, loop_batches, training_batches, training_set
+from vecaf.train.records import FinetuneResult, LoopRecord, TrainingDivergedError
 from vecaf.train.rows import Rows as _Rows
 from vecaf.train.rows import as_rows as _as_rows
 
@@ -59,138 +64,6 @@ MODES = ("head", "full")
 CHECKPOINT_FORMAT = 1
 # fingerprint fields added after format 1 was written, with the value older checkpoints were made under
 _FINGERPRINT_DEFAULTS: dict[str, Any] = {"cumulative": False, "replay": 0.0}
-
-
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped before applying that batch.
-
-    Attributes:
-        loop: 0-based loop in which it happened.
-        batches: global batch index (1-based) whose loss was not finite.
-        checkpoint: the last good checkpoint (end of the previous loop), or None.
-        result: the partial :class:`FinetuneResult` (curve and loops so far).
-    """
-
-    def __init__(self, message: str, *, loop: int, batches: int, checkpoint: Path | None, result: Any) -> None:
-        super().__init__(message)
-        self.loop, self.batches, self.checkpoint, self.result = loop, batches, checkpoint, result
-
-
-@dataclass
-class LoopRecord:
-    """What happened in one loop.
-
-    Attributes:
-        loop: 0-based loop index.
-        picks: pool indices selected for this loop (None for full-data finetuning).
-        pick_losses: each pick's loss under the model at the loop start (why it was picked, for
-            loss-aware methods; None for full-data finetuning).
-        budget: K, samples selected (the pool size for full-data finetuning).
-        batches: batches trained in this loop.
-        end_batches: global batch count at the loop end.
-        train_loss: mean training loss over the loop's batches.
-        top1: test top-1 at the loop end.
-        test_loss: test loss at the loop end.
-        seconds: wall time of the loop's phases (pass, select, train, eval).
-    """
-
-    loop: int
-    picks: np.ndarray | None
-    pick_losses: np.ndarray | None
-    budget: int
-    batches: int
-    end_batches: int
-    train_loss: float
-    top1: float
-    test_loss: float
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view."""
-        return {
-            "loop": self.loop,
-            "picks": None if self.picks is None else self.picks.tolist(),
-            "pick_losses": None if self.pick_losses is None else [float(v) for v in self.pick_losses],
-            "budget": self.budget,
-            "batches": self.batches,
-            "end_batches": self.end_batches,
-            "train_loss": self.train_loss,
-            "top1": self.top1,
-            "test_loss": self.test_loss,
-            "seconds": dict(self.seconds),
-        }
-
-
-@dataclass
-class FinetuneResult:
-    """The outcome of :func:`finetune`.
-
-    Attributes:
-        method: selection method name, or "full" for full-data finetuning.
-        mode: "head" or "full".
-        config: the resolved settings of the run (JSON-ready).
-        loops: one :class:`LoopRecord` per loop.
-        curve: test evaluations in batch order (batch 0 = before training when evaluated).
-        train_curve: (batch, training loss) of every batch.
-        b2a: target top-1 -> batches to reach it (None if never), read from ``curve``.
-        timings: total seconds per phase and overall.
-        notes: things the engine decided and says (head replaced, CEA skipped...).
-        checkpoints: checkpoint files written, in loop order.
-        model: the trained model (full mode: the finetuned network; head mode: the model with the trained
-            head installed, or the bare head when no model was given).
-    """
-
-    method: str
-    mode: str
-    config: dict[str, Any]
-    loops: list[LoopRecord]
-    curve: list[EvalPoint]
-    train_curve: list[tuple[int, float]]
-    b2a: dict[float, int | None]
-    timings: dict[str, float]
-    notes: list[str]
-    checkpoints: list[str]
-    model: nn.Module | None = None
-
-    @property
-    def final(self) -> EvalPoint:
-        """The last evaluation (after all batches)."""
-        return self.curve[-1]
-
-    @property
-    def top1(self) -> float:
-        """Final test top-1 accuracy."""
-        return self.final.top1
-
-    @property
-    def per_class_accuracy(self) -> np.ndarray | None:
-        """Final per-class test accuracy (C,)."""
-        return self.final.per_class
-
-    @property
-    def picks(self) -> list[np.ndarray]:
-        """Per-loop selected indices (empty for full-data finetuning)."""
-        return [r.picks for r in self.loops if r.picks is not None]
-
-    def curve_array(self) -> np.ndarray:
-        """The curve as an (n, 3) array of (batches, top1, loss)."""
-        return np.array([(p.batches, p.top1, p.loss) for p in self.curve], dtype=np.float64).reshape(-1, 3)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view (the model left out)."""
-        return {
-            "method": self.method,
-            "mode": self.mode,
-            "config": self.config,
-            "final": self.final.to_dict(),
-            "b2a": {str(k): v for k, v in self.b2a.items()},
-            "loops": [r.to_dict() for r in self.loops],
-            "curve": [p.to_dict() for p in self.curve],
-            "train_curve": [list(p) for p in self.train_curve],
-            "timings": dict(self.timings),
-            "notes": list(self.notes),
-            "checkpoints": list(self.checkpoints),
-        }
 
 
 def _split_data(data: Any, name: str) -> tuple[Any, np.ndarray, list[str] | None]:
@@ -1174,43 +1047,3 @@ def _call_select(
     return select(
         emb, k, method=method, losses=losses, text_embeddings=text_embeddings, exclude=exclude, seed=seed, **options
     )
-
-
-def _record_state(r: LoopRecord) -> dict[str, Any]:
-    return {
-        "loop": r.loop,
-        "picks": None if r.picks is None else torch.from_numpy(np.asarray(r.picks, dtype=np.int64)),
-        "pick_losses": None if r.pick_losses is None else torch.from_numpy(np.asarray(r.pick_losses, dtype=np.float32)),
-        "budget": r.budget,
-        "batches": r.batches,
-        "end_batches": r.end_batches,
-        "train_loss": r.train_loss,
-        "top1": r.top1,
-        "test_loss": r.test_loss,
-        "seconds": dict(r.seconds),
-    }
-
-
-def _record_from_state(s: dict[str, Any]) -> LoopRecord:
-    return LoopRecord(
-        loop=int(s["loop"]),
-        picks=None if s["picks"] is None else s["picks"].numpy(),
-        pick_losses=None if s["pick_losses"] is None else s["pick_losses"].numpy(),
-        budget=int(s["budget"]),
-        batches=int(s["batches"]),
-        end_batches=int(s["end_batches"]),
-        train_loss=float(s["train_loss"]),
-        top1=float(s["top1"]),
-        test_loss=float(s["test_loss"]),
-        seconds={k: float(v) for k, v in s["seconds"].items()},
-    )
-
-
-def _point_state(p: EvalPoint) -> dict[str, Any]:
-    per_class = None if p.per_class is None else torch.from_numpy(np.asarray(p.per_class, dtype=np.float64))
-    return {"batches": p.batches, "top1": p.top1, "loss": p.loss, "loop": p.loop, "per_class": per_class}
-
-
-def _point_from_state(s: dict[str, Any]) -> EvalPoint:
-    per_class = None if s["per_class"] is None else s["per_class"].numpy()
-    return EvalPoint(int(s["batches"]), float(s["top1"]), float(s["loss"]), int(s["loop"]), per_class)
