@@ -10,8 +10,9 @@ loops one batch more). Loop l:
    when it is smaller than a batch) with SGD (lr 5e-4, weight decay 1e-4, momentum 0.9) and one cosine
    decay over all B batches: lr(b) = lr0 * (1 + cos(pi b / B)) / 2 (Appendix C). The training set is the
    loop's K picks (the paper, Sec. 3.1: the selected set finetunes the PVM until the next loop starts),
-   or with ``cumulative=True`` the union of the picks of loops 1..l (a growing labelled set), with the
-   same B_l batches either way;
+   or with ``cumulative=True`` the union of the picks of loops 1..l (a growing labelled set), or with
+   ``replay=r`` the loop's picks with a share r of each batch from earlier picks, with the same B_l
+   batches either way (``vecaf.train.plan``);
 4. for training-set samples with a text embedding the head sees (1 - lam_bw) e_aug + lam_bw e (Eq. 10),
    e_aug = e - eta_K alpha (e - t) (Eq. 9), alpha = softmax over the training set of the squared
    distance between the normalised image embedding and the caption embedding projected into the image
@@ -20,7 +21,9 @@ loops one batch more). Loop l:
    with K the training set's size (the K-normalised step that ``vecaf.cea`` also uses for selection; up to
    l K when cumulative). alpha and t are constants (no gradient). lam_bw = 1 turns CEA off.
 
-Full-data finetuning (``method="full"`` or None) draws the same number of batches from the whole pool
+The run (``_Run``, explicit fields) is the loop plan (``vecaf.train.plan``), a selection step, a training
+step, an evaluation and a checkpoint (``vecaf.train.checkpoint``), in that order per loop; its records are
+``vecaf.train.records``. Full-data finetuning (``method="full"`` or None) draws the same number of batches from the whole pool
 with no selection. Evaluation on the test split every ``eval_every`` batches and at each loop end gives
 the curve (batches, top-1, loss) and B2A (``vecaf.train.evaluate``). Each loop end writes a checkpoint
 (``vecaf.train.checkpoint``) from which ``resume=True`` continues with identical results. Under
