@@ -5,8 +5,10 @@
    ``tasks.data.check_splits``: every class on both sides, no image shared by pool and held-out split
    (unless ``data.allow_overlap``), the loops fit the pool actually loaded, and a warning when a split holds
    fewer images than asked (MLflow records the sizes used: ``data.pool_size_used``, ``data.test_size_used``).
-2. ``mlflow-start-run``: params, tags (dataset digest, method, PVM, code version), resolved configuration,
-   the pool and held-out datasets.
+2. ``resolve-init`` (``training.init``): the champion when its classes and architecture fit (downloaded; loop
+   1's losses come from it and training warm-starts from it), else the base PVM; then ``mlflow-start-run``:
+   params, tags (dataset digest, method, PVM, code version, ``training.init_used`` and its reason), resolved
+   configuration, the pool and held-out datasets.
 3. For each loop l = 1..L:
    a. ``train-loop``: per-sample losses and embeddings under the current model, selection of K samples,
       B/L training batches with CEA (Eq. 8-10), evaluation (checkpoint, loop record, picks on disk);
@@ -43,7 +45,7 @@ from flows.runtime import flow_run_info, flow_run_url, runtime
 from tasks.data import check_splits, load_dataset_task, warn_smaller_than_asked
 from tasks.embeddings import feature_keys
 from tasks.features import feast_materialize_task
-from tasks.registry import register_model_task
+from tasks.registry import register_model_task, resolve_init_task
 from tasks.tracking import (
     code_version,
     end_run,
@@ -137,6 +139,10 @@ def finetune(
     used = {k: checked[k] for k in ("pool_size_used", "test_size_used")}
     logged_params = {**params, "data": {**params["data"], **used}}
     tags.update({k: str(v) for k, v in used.items()})
+    init = resolve_init_task(rt.tracking_uri, registry.model_name, training.init, training.mode, pool["class_names"],
+                             models, data, str(Path(rt.work_dir) / "champions"))  # fmt: skip
+    tags.update({"training.init_used": init["used"], "training.init_reason": init["reason"][:5000],
+                 "training.init_champion_version": str(init["version"])})  # fmt: skip
     run = start_run_task(
         rt.tracking_uri, registry.experiment, run_name, logged_params, tags, config, pool["manifest"], test["manifest"],
         pool["skipped"] or None,
@@ -146,7 +152,7 @@ def finetune(
         data=data, models=models, objective=objective, training=training, ood_prompt=prompt,
         store_dir=rt.store_dir, run_dir=str(Path(rt.work_dir) / "runs" / run_id), pool_manifest=pool["manifest"],
         test_manifest=test["manifest"], num_classes=pool["num_classes"], class_names=tuple(pool["class_names"]),
-        allow_hub=rt.allow_hub,
+        allow_hub=rt.allow_hub, init_model=init["model_dir"],
     )  # fmt: skip
     try:
         loops = []

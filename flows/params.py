@@ -215,13 +215,20 @@ class TrainingParams(_Params):
     lam_bw: float = Field(0.998, ge=0.0, le=1.0, description="CEA balance lam_bw (Eq. 10); 1 disables CEA.")
     exclude_previous: bool = Field(True, description="Never re-select a sample picked in an earlier loop.")
     cumulative: bool = Field(
-        False, description="Train each loop on all picks so far (growing labelled set); off: the loop's picks only."
+        True,
+        description="Train each loop on all picks so far (growing labelled set; measured: accuracy rises loop to "
+        "loop); off: the loop's picks only (the paper's per-loop protocol).",
     )
     loss_power: float = Field(
         0.5, gt=0.0, le=10.0, description="VeCAF: selection weights p ~ L^loss_power (1 = Eq. 3 as written)."
     )
     eval_every: int | None = Field(None, ge=1, description="Evaluate every n batches (default B // 10).")
     seed: int = Field(0, ge=0, description="Seed of the head, the selection and the batch order.")
+    init: Literal["champion", "base"] = Field(
+        "champion",
+        description="Start from the registered champion when its classes and architecture match (loop 1's "
+        "losses come from it), else from the base PVM; 'base': always the base PVM.",
+    )
 
     @model_validator(mode="after")
     def _budget_covers_loops(self) -> TrainingParams:

@@ -17,6 +17,13 @@ global concurrency limit ``vecaf-promote-<model>`` with one slot), so two promot
    if neither alias moved since step 1, else nothing moves ("refused-changed", naming the versions).
 6. ``record-promotion``: ``promotion.*`` tags on the version (the versions actually compared),
    ``last_promotion`` on the model, and the Prefect markdown artifact ``promotion-decision``.
+
+With ``rollback=True`` or ``to_version=N`` (``vecaf promote --rollback`` / ``--to-version N``) nothing is
+evaluated: under the same lock the champion history is read (``read-champion-history``), the target chosen
+(``tasks.registry.rollback_target``: the previous champion, or N), its format checked
+(``describe-model-version``; a version in another format is refused), ``champion`` moved as a
+compare-and-set (``move-champion``) and the move recorded like a promotion (``record-promotion``, outcome
+"rolled-back" or "moved-to-version"). A rollback with no earlier champion raises a ``ValueError`` that says so.
 """
 
 from __future__ import annotations
@@ -29,12 +36,17 @@ from flows.params import DataParams, RegistryParams
 from flows.runtime import flow_run_info, runtime
 from tasks.data import check_splits, load_dataset_task
 from tasks.registry import (
+    ROLLBACK_OUTCOMES,
     decide,
+    describe_version_task,
+    move_champion_task,
     now_iso,
     promote_if_unchanged_task,
     promotion_lock,
     read_aliases_task,
+    read_history_task,
     record_decision_task,
+    rollback_target,
 )
 from tasks.training import evaluate_model_task
 
@@ -47,6 +59,8 @@ def promote(
     data: DataParams = DataParams(),
     registry: RegistryParams = RegistryParams(),
     device: str = "auto",
+    rollback: bool = False,
+    to_version: int | None = None,
 ) -> dict[str, Any]:
     """Promote the challenger when it beats the champion on the held-out split by more than the margin.
 
@@ -54,6 +68,8 @@ def promote(
         data: where the held-out split comes from (``test_split``, ``test_size``, ``subset_seed``).
         registry: the registered model and the margin.
         device: where the models are evaluated ('auto', 'cpu', 'cuda').
+        rollback: instead, point ``champion`` back at the previous champion (nothing evaluated).
+        to_version: instead, point ``champion`` at this version (nothing evaluated).
 
     Returns:
         The decision: ``{"promoted", "outcome", "reason", "margin", "challenger", "challenger_eval",
@@ -61,9 +77,16 @@ def promote(
         (``promoted`` None when there is no challenger, or it already is the champion; ``outcome`` one of
         promoted, kept-champion, refused-changed, refused-format).
     """
+    if rollback and to_version is not None:
+        raise ValueError("pass either rollback=True or to_version=N, not both")
+    if to_version is not None and (isinstance(to_version, bool) or int(to_version) < 1):
+        raise ValueError(f"to_version must be a model version number >= 1, got {to_version!r}")
     rt = runtime()
     name = registry.model_name
     get_run_logger().info("waiting for the promotion lock of %s (one promotion at a time)", name)
+    if rollback or to_version is not None:
+        with promotion_lock(name) as lock:
+            return _move_by_hand(rt, name, registry, None if to_version is None else str(int(to_version)), lock)
     with promotion_lock(name) as lock:
         aliases = read_aliases_task(rt.tracking_uri, name)
         challenger, champion = aliases["challenger"], aliases["champion"]
@@ -138,3 +161,31 @@ def _evaluate_and_decide(
     promoted, reason = decide(out["challenger_eval"]["top1"], out["champion_eval"]["top1"], registry.promotion_margin)
     reason = f"{reason} (challenger v{challenger['version']} vs champion v{champion['version']})"
     return {**out, "promoted": promoted, "reason": reason, "outcome": "promoted" if promoted else "kept-champion"}
+
+
+def _move_by_hand(rt: Any, name: str, registry: RegistryParams, to_version: str | None, lock: str) -> dict[str, Any]:
+    """Rollback / move-to-version, inside the promotion lock: choose, check the format, move, record."""
+    state = read_history_task(rt.tracking_uri, name)
+    target, history = rollback_target(state["history"], to_version=to_version)
+    info = describe_version_task(rt.tracking_uri, name, target)
+    if info["format_error"] is not None:
+        raise ValueError(f"{name} version {target} is not stored in the pickle-free format and cannot be champion: "
+                         f"{info['format_error']}")  # fmt: skip
+    before = None
+    if state["champion"] is not None:
+        before = describe_version_task(rt.tracking_uri, name, state["champion"])
+    outcome = ROLLBACK_OUTCOMES[0] if to_version is None else ROLLBACK_OUTCOMES[1]
+    how = "rolled back to the previous champion" if to_version is None else "moved to the version asked for"
+    cas = move_champion_task(rt.tracking_uri, name, target, state["champion"], history)
+    if not cas["moved"]:
+        raise RuntimeError(f"{name}@champion was not moved: {cas['why_not']}")
+    decision: dict[str, Any] = {
+        "outcome": outcome, "promoted": True, "margin": registry.promotion_margin, "lock": lock,
+        "reason": f"champion {how}: version {state['champion']} -> {target}",
+        "challenger": info, "challenger_eval": None, "champion_before": before, "champion_eval": None,
+        "champion_after": target, "holdout": None, "history": history,
+        "decided_at": now_iso(), "flow_run_id": flow_run_info()["id"],
+    }  # fmt: skip
+    record_decision_task(rt.tracking_uri, name, decision)
+    get_run_logger().info("%s: %s", name, decision["reason"])
+    return decision

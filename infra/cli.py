@@ -4,7 +4,7 @@
     vecaf demo                     the end-to-end demo the README's first command runs
     vecaf deploy                   register the flows' deployments (pipeline on a cron schedule, promote...)
     vecaf run                      trigger vecaf-pipeline through its deployment, with parameters
-    vecaf promote                  trigger the promote flow through its deployment
+    vecaf promote                  trigger the promote flow through its deployment (--rollback, --to-version N)
     vecaf gc                       retention: old runs and versions, failed runs' work files, logs, Parquet
     vecaf data fetch               obtain Fashion-MNIST when Debian's package is not installed
 """
@@ -362,9 +362,15 @@ def promote(
     config: Optional[Path] = ConfigOption,
     model_name: str = typer.Option("vecaf-classifier", help="Registered model name."),
     margin: float = typer.Option(0.0, help="Held-out top-1 gain the challenger needs over the champion."),
+    rollback: bool = typer.Option(False, "--rollback", help="Point champion back at the previous champion."),
+    to_version: Optional[int] = typer.Option(None, "--to-version", min=1, help="Point champion at version N."),
     wait: bool = typer.Option(True, help="Wait for the run to finish."),
 ) -> None:
-    """Trigger the promote flow through its deployment (challenger vs champion on the held-out split)."""
+    """Trigger the promote flow through its deployment (challenger vs champion on the held-out split).
+
+    ``--rollback`` / ``--to-version N`` move ``champion`` instead (nothing evaluated), under the same lock,
+    recorded like a promotion.
+    """
     from pydantic import ValidationError
 
     from flows.deploy import ON_DEMAND, wait_for_run
@@ -378,8 +384,25 @@ def promote(
     except ValidationError as exc:
         typer.echo(f"invalid parameters: {_one_line_errors(exc)}", err=True)
         raise typer.Exit(2) from exc
+    if rollback and to_version is not None:
+        typer.echo("pass either --rollback or --to-version N, not both", err=True)
+        raise typer.Exit(2)
+    parameters: dict = {"registry": registry.model_dump(mode="json")}
+    if rollback:
+        parameters["rollback"] = True
+    if to_version is not None:
+        parameters["to_version"] = to_version
     settings = load_settings(config)
-    flow_run = _trigger_or_exit(settings, f"promote/{ON_DEMAND}", {"registry": registry.model_dump(mode="json")})
+    if rollback or to_version is not None:  # early, clear refusal; the flow checks again under the lock
+        from tasks.registry import read_history, rollback_target
+
+        try:
+            history = read_history(stack_urls(settings)["mlflow_url"], model_name)["history"]
+            rollback_target(history, to_version=None if to_version is None else str(to_version))
+        except ValueError as exc:
+            typer.echo(f"cannot move {model_name}@champion: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    flow_run = _trigger_or_exit(settings, f"promote/{ON_DEMAND}", parameters)
     typer.echo(f"flow run {flow_run.name}: {flow_run_url(stack_urls(settings)['prefect_ui_url'], str(flow_run.id))}")
     if wait:
         flow_run = wait_for_run(settings, flow_run.id)

@@ -27,7 +27,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "loops": 3,
     "batch_budget": 300,
     "batch_size": 32,
-    "lr": 0.05,
+    "lr": 5e-4,
     "mode": "head",
     "method": "vecaf",
 }

@@ -17,6 +17,15 @@ the models evaluated, and right before ``champion`` moves the aliases are read a
 (:func:`promote_if_unchanged`): if ``challenger`` or ``champion`` changed meanwhile, nothing moves and the
 decision says "refused-changed" with the versions before and now (the next promotion evaluates the new
 ones). A version not stored in the pipeline's pickle-free format is never loaded ("refused-format").
+
+Champion history and rollback. Every move of ``champion`` made here appends the new version to the
+registered-model tag ``champion_history`` (versions, oldest first, comma-separated; a champion set before
+the tag existed counts as its first entry). ``vecaf promote --rollback`` points ``champion`` back at the
+entry before the current one and drops the current one from the history (so rolling back twice goes two
+steps back); ``--to-version N`` points it at version N and appends N. Both run under the same promotion
+lock, as a compare-and-set, and are recorded like a promotion (``promotion.*`` tags on the version that
+becomes champion with decision "rolled-back" or "moved-to-version", ``last_promotion``, the artifact).
+The choice of the version is :func:`rollback_target` (pure).
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ _TOLERANCE = 1e-9
 """Accuracies are fractions k/n: a gain within this of the margin counts as equal to it (float rounding)."""
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+HISTORY_TAG = "champion_history"
+"""Registered-model tag: the versions ``champion`` pointed at, oldest first, comma-separated."""
 PROMOTION_LOCK_TIMEOUT_S = 1800.0
 """How long a promotion waits for another promotion of the same model before it fails."""
 _LEASE_S = 120.0
@@ -97,8 +108,6 @@ def read_aliases(tracking_uri: str, name: str) -> dict[str, Any]:
     """
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import UnsafeModelError, check_stored_model, resolve_model_id
-
     out: dict[str, Any] = {"name": name, CHALLENGER: None, CHAMPION: None}
     with talking_to("MLflow tracking server", tracking_uri):
         client = mlflow_client(tracking_uri)
@@ -109,24 +118,50 @@ def read_aliases(tracking_uri: str, name: str) -> dict[str, Any]:
                 if getattr(exc, "error_code", "") in _MISSING:
                     continue
                 raise
-            meta: dict[str, Any] = {}
-            format_error = None
-            model_id = getattr(mv, "model_id", None)
-            try:
-                model_id = resolve_model_id(tracking_uri, f"models:/{name}/{mv.version}")
-                meta = check_stored_model(tracking_uri, model_id)["metadata"]
-            except UnsafeModelError as exc:
-                format_error = str(exc)
-            out[alias] = {
-                "version": str(mv.version),
-                "run_id": mv.run_id,
-                "model_id": model_id,
-                "tags": dict(mv.tags),
-                "source": mv.source,
-                "class_names": meta.get("class_names"),
-                "format_error": format_error,
-            }
+            out[alias] = _version_info(tracking_uri, name, mv)
     return out
+
+
+def _version_info(tracking_uri: str, name: str, mv: Any) -> dict[str, Any]:
+    """A model version as ``read_aliases`` describes it (its storage format checked, nothing loaded)."""
+    from tasks.tracking import UnsafeModelError, check_stored_model, resolve_model_id
+
+    meta: dict[str, Any] = {}
+    format_error = None
+    model_id = getattr(mv, "model_id", None)
+    try:
+        model_id = resolve_model_id(tracking_uri, f"models:/{name}/{mv.version}")
+        meta = check_stored_model(tracking_uri, model_id)["metadata"]
+    except UnsafeModelError as exc:
+        format_error = str(exc)
+    return {
+        "version": str(mv.version),
+        "run_id": mv.run_id,
+        "model_id": model_id,
+        "tags": dict(mv.tags),
+        "source": mv.source,
+        "class_names": meta.get("class_names"),
+        "format_error": format_error,
+    }
+
+
+def describe_version(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
+    """Version ``version`` of ``name`` as :func:`read_aliases` describes one.
+
+    Raises:
+        ValueError: the version does not exist (named).
+    """
+    from mlflow.exceptions import MlflowException
+
+    with talking_to("MLflow tracking server", tracking_uri):
+        client = mlflow_client(tracking_uri)
+        try:
+            mv = client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") in _MISSING:
+                raise ValueError(f"{name} has no version {version}") from exc
+            raise
+        return _version_info(tracking_uri, name, mv)
 
 
 def decide(challenger_top1: float, champion_top1: float | None, margin: float) -> tuple[bool, str]:
@@ -230,12 +265,115 @@ def promote_if_unchanged(
         ]
         if changed:
             return False, "; ".join(changed)
+        history = parse_history(dict(client.get_registered_model(name).tags).get(HISTORY_TAG), champion)
         client.set_registered_model_alias(name, CHAMPION, challenger)
+        client.set_registered_model_tag(name, HISTORY_TAG, format_history([*history, challenger]))
     return True, None
 
 
+def parse_history(tag: str | None, champion: str | None) -> list[str]:
+    """The champion history from the ``champion_history`` tag, consistent with the current champion.
+
+    A champion that is not the history's last entry (set before the tag existed, or moved by hand) is
+    appended, so the history always ends with the current champion (when there is one).
+    """
+    history = [v.strip() for v in (tag or "").split(",") if v.strip()]
+    if champion is not None and (not history or history[-1] != champion):
+        history.append(champion)
+    return history
+
+
+def format_history(history: list[str]) -> str:
+    """The ``champion_history`` tag value (MLflow tag values hold up to 5000 characters: the oldest go first)."""
+    text = ",".join(history)
+    while len(text) > 5000 and "," in text:
+        text = text.split(",", 1)[1]
+    return text
+
+
+def rollback_target(history: list[str], *, to_version: str | None = None) -> tuple[str, list[str]]:
+    """Which version ``champion`` moves to, and the history afterwards.
+
+    Args:
+        history: the champion history, oldest first, ending with the current champion.
+        to_version: move to this version (appended to the history); None: roll back to the entry before the
+            current champion (the current one is dropped from the history).
+
+    Returns:
+        ``(target, new_history)``.
+
+    Raises:
+        ValueError: no champion; a rollback with no earlier champion; ``to_version`` already the champion.
+    """
+    if not history:
+        raise ValueError("there is no champion yet: nothing to roll back (promote a version first)")
+    current = history[-1]
+    if to_version is not None:
+        to_version = str(to_version)
+        if to_version == current:
+            raise ValueError(f"version {to_version} already is the champion")
+        return to_version, [*history, to_version]
+    earlier = [v for v in history[:-1] if v != current]
+    if not earlier:
+        raise ValueError(
+            f"version {current} is the only champion there has been: there is no earlier champion to roll back "
+            "to (use --to-version N to pick a version)"
+        )
+    trimmed = list(history[:-1])
+    while trimmed and trimmed[-1] == current:
+        trimmed.pop()
+    return trimmed[-1], trimmed
+
+
+def read_history(tracking_uri: str, name: str) -> dict[str, Any]:
+    """``{"champion": version | None, "history": [...]}`` of registered model ``name``."""
+    from mlflow.exceptions import MlflowException
+
+    with talking_to("MLflow tracking server", tracking_uri):
+        client = mlflow_client(tracking_uri)
+        tags = dict(client.get_registered_model(name).tags)
+        try:
+            champion: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") not in _MISSING:
+                raise
+            champion = None
+    return {"champion": champion, "history": parse_history(tags.get(HISTORY_TAG), champion)}
+
+
+def move_champion(
+    tracking_uri: str, name: str, *, target: str, expected: str | None, history: list[str]
+) -> tuple[bool, str | None]:
+    """Compare-and-set of ``champion`` alone: point it at ``target`` only if it still points at ``expected``,
+    then write ``history`` to the ``champion_history`` tag.
+
+    Returns:
+        ``(moved, why_not)``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    with talking_to("MLflow tracking server", tracking_uri):
+        client = mlflow_client(tracking_uri)
+        try:
+            now: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") not in _MISSING:
+                raise
+            now = None
+        if now != expected:
+            return False, f"champion moved from version {expected} to {now} meanwhile"
+        client.set_registered_model_alias(name, CHAMPION, target)
+        client.set_registered_model_tag(name, HISTORY_TAG, format_history(history))
+    return True, None
+
+
+ROLLBACK_OUTCOMES = ("rolled-back", "moved-to-version")
+"""Outcomes of a hand-made move of ``champion`` (``vecaf promote --rollback`` / ``--to-version``)."""
+
+
 def _outcome(decision: Mapping[str, Any]) -> str:
-    """promoted, kept-champion, refused-changed or refused-format (older decisions have only ``promoted``)."""
+    """promoted, kept-champion, refused-changed, refused-format, rolled-back or moved-to-version (older
+    decisions have only ``promoted``)."""
     return decision.get("outcome") or ("promoted" if decision["promoted"] else "kept-champion")
 
 
@@ -282,7 +420,9 @@ def record_decision(tracking_uri: str, name: str, decision: Mapping[str, Any]) -
         client.set_registered_model_tag(
             name, "last_promotion", f"v{challenger['version']} {tags['promotion.decision']} at {decision['decided_at']}"
         )
-    markdown = promotion_markdown(name, decision)
+    markdown = (
+        rollback_markdown(name, decision) if _outcome(decision) in ROLLBACK_OUTCOMES else promotion_markdown(name, decision)
+    )
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(markdown=markdown, key="promotion-decision", description=f"Promotion of {name}")
@@ -325,6 +465,26 @@ def promotion_markdown(name: str, decision: Mapping[str, Any]) -> str:
     )
 
 
+def rollback_markdown(name: str, decision: Mapping[str, Any]) -> str:
+    """A rollback / move-to-version as a markdown report (no model is evaluated: the move was asked for)."""
+    before = decision.get("champion_before")
+    history = decision.get("history") or []
+    return "\n".join(
+        [
+            f"# Champion of `{name}` moved by hand ({_outcome(decision)})",
+            "",
+            f"{decision['reason']}.",
+            "",
+            "| | version |",
+            "|---|---|",
+            f"| champion (before) | {'none' if before is None else before['version']} |",
+            f"| champion (now) | {decision['champion_after']} |",
+            "",
+            f"Champion history (oldest first): {', '.join(history) or 'none'}.",
+        ]
+    )
+
+
 def now_iso() -> str:
     """The current UTC time, ISO 8601."""
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -363,3 +523,115 @@ def promote_if_unchanged_task(
 def record_decision_task(tracking_uri: str, name: str, decision: dict[str, Any]) -> str:
     """Prefect task around :func:`record_decision`."""
     return record_decision(tracking_uri, name, decision)
+
+
+@task(name="read-champion-history", **SERVER_TASK)
+def read_history_task(tracking_uri: str, name: str) -> dict[str, Any]:
+    """Prefect task around :func:`read_history`."""
+    return read_history(tracking_uri, name)
+
+
+@task(name="move-champion", **SERVER_TASK)
+def move_champion_task(
+    tracking_uri: str, name: str, target: str, expected: str | None, history: list[str]
+) -> dict[str, Any]:
+    """Prefect task around :func:`move_champion`: ``{"moved", "why_not"}``."""
+    moved, why_not = move_champion(tracking_uri, name, target=target, expected=expected, history=history)
+    if moved:
+        get_run_logger().info("%s@champion -> version %s (was %s), by hand", name, target, expected)
+    else:
+        get_run_logger().warning("%s@champion not moved: %s", name, why_not)
+    return {"moved": moved, "why_not": why_not}
+
+
+@task(name="describe-model-version", **SERVER_TASK)
+def describe_version_task(tracking_uri: str, name: str, version: str) -> dict[str, Any]:
+    """Prefect task around :func:`describe_version`."""
+    return describe_version(tracking_uri, name, version)
+
+
+def resolve_init(
+    tracking_uri: str,
+    name: str,
+    init: str,
+    *,
+    class_names: list[str],
+    arch: str,
+    pvm: str,
+    mode: str,
+    input_size: list[int] | None,
+    dest: str,
+) -> dict[str, Any]:
+    """Where a run starts (``training.init``): the champion of ``name`` when it fits, else the base PVM.
+
+    The champion is read with :func:`read_aliases` (its storage format checked, nothing deserialized); when
+    it is in the pipeline's format its ``config.json`` and weights are downloaded into ``dest/v<version>``
+    and :func:`vecaf.train.warm_start.choose_init` decides from the configuration.
+
+    Returns:
+        ``{"used": "champion" | "base", "reason", "version": champion version or None,
+        "model_dir": the downloaded champion folder when used, else None}``.
+    """
+    from pathlib import Path
+
+    from vecaf.models.classifier import CONFIG_FILE, WEIGHTS_FILE
+    from vecaf.train.warm_start import choose_init
+
+    facts = dict(class_names=class_names, arch=arch, pvm=pvm, mode=mode, input_size=input_size)
+    if init == "base":
+        choice = choose_init(init, None, **facts)
+        return {"used": choice.used, "reason": choice.reason, "version": None, "model_dir": None}
+    champion = read_aliases(tracking_uri, name)[CHAMPION]  # a model never registered: no champion
+    if champion is None or champion["format_error"] is not None:
+        error = None if champion is None else champion["format_error"]
+        version = None if champion is None else champion["version"]
+        choice = choose_init(init, None, champion_error=error, champion_version=version, **facts)
+        return {"used": choice.used, "reason": choice.reason, "version": version, "model_dir": None}
+    import mlflow.artifacts
+
+    from tasks.tracking import check_stored_model
+
+    stored = check_stored_model(tracking_uri, champion["model_id"])
+    folder = Path(dest) / f"v{champion['version']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with talking_to("MLflow tracking server", tracking_uri):
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{stored['artifact_uri'].rstrip('/')}/{CONFIG_FILE}", dst_path=str(folder),
+            tracking_uri=tracking_uri,
+        )  # fmt: skip
+    import json
+
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    choice = choose_init(init, config, champion_version=champion["version"], **facts)
+    if choice.warm:
+        with talking_to("MLflow tracking server", tracking_uri):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{stored['artifact_uri'].rstrip('/')}/{WEIGHTS_FILE}", dst_path=str(folder),
+                tracking_uri=tracking_uri,
+            )  # fmt: skip
+    return {
+        "used": choice.used, "reason": choice.reason, "version": champion["version"],
+        "model_dir": str(folder) if choice.warm else None,
+    }  # fmt: skip
+
+
+def run_architecture(models: Any, data: Any, *, allow_hub: bool = False) -> dict[str, Any]:
+    """``{"arch", "pvm", "input_size"}`` of the network a run with these ``ModelParams``/``DataParams`` trains
+    (what :func:`resolve_init` compares a champion with)."""
+    from tasks.embeddings import get_pvm
+
+    pvm = get_pvm(models.pvm, models.pvm_checkpoint, allow_hub)
+    size = pvm.transform(image_size=data.image_size).data_config["input_size"]
+    return {"arch": pvm.arch, "pvm": str(pvm.name), "input_size": [int(v) for v in size]}
+
+
+@task(name="resolve-init", **SERVER_TASK)
+def resolve_init_task(
+    tracking_uri: str, name: str, init: str, mode: str, class_names: list[str], models: Any, data: Any, dest: str
+) -> dict[str, Any]:
+    """Prefect task around :func:`resolve_init` for the run's network (:func:`run_architecture`); logs the
+    choice and why."""
+    out = resolve_init(tracking_uri, name, init, class_names=list(class_names), mode=mode, dest=dest,
+                       **run_architecture(models, data))  # fmt: skip
+    get_run_logger().info("training starts from the %s: %s", out["used"], out["reason"])
+    return out

@@ -63,6 +63,8 @@ class TrainSpec:
         num_classes: C.
         class_names: the C class names.
         allow_hub: allow hub downloads for named models.
+        init_model: the champion's downloaded folder (config.json + weights) when the run warm-starts from it
+            (``training.init``, ``tasks.registry.resolve_init``); None: the base PVM.
     """
 
     data: DataParams
@@ -77,6 +79,7 @@ class TrainSpec:
     num_classes: int
     class_names: tuple[str, ...]
     allow_hub: bool = False
+    init_model: str | None = None
 
 
 def make_objective(objective: ObjectiveParams) -> Any:
@@ -168,8 +171,9 @@ def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, callbacks
     from vecaf.train import finetune
 
     t = spec.training
+    model, start = _start_model(spec, inputs)
     return finetune(
-        inputs["pvm"],
+        model,
         inputs["train_data"],
         inputs["test_data"],
         mode=t.mode,
@@ -190,14 +194,31 @@ def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, callbacks
         seed=t.seed,
         device=spec.models.device,
         image_size=spec.data.image_size,
-        train_features=inputs["train_features"],
         test_features=inputs["test_features"],
         num_classes=spec.num_classes,
         checkpoint_dir=_checkpoint_dir(spec),
         resume=resume,
         callbacks=callbacks,
         return_model=True,
+        **start,
     )
+
+
+def _start_model(spec: TrainSpec, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The model the engine starts from and its input keywords: the base PVM, or the champion (warm start).
+
+    A champion (``spec.init_model``) is rebuilt without pickle; it takes the base PVM's preprocessing (same
+    architecture and input size, checked by ``choose_init``). In ``full`` mode the stored features come from
+    the base backbone, not the champion's, so the engine computes loop 1's pass itself.
+    """
+    if spec.init_model is None:
+        return inputs["pvm"], {"train_features": inputs["train_features"]}
+    from vecaf.models.classifier import load_classifier
+
+    model, _ = load_classifier(spec.init_model)
+    start = {"transform": inputs["pvm"].transform(image_size=spec.data.image_size)}
+    start["train_features"] = inputs["train_features"] if spec.training.mode == "head" else None
+    return model, start
 
 
 def _json_default(value: Any) -> Any:

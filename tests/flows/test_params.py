@@ -274,7 +274,7 @@ def test_json_ready_parameters_round_trip():
 
 def test_training_defaults_and_limits_of_cumulative_and_loss_power():
     t = TrainingParams()
-    assert t.cumulative is False and t.loss_power == 0.5
+    assert t.cumulative is True and t.loss_power == 0.5  # the measured default (docs/engine.md, "Loop protocol")
     assert TrainingParams(cumulative=True, loss_power=1.0).loss_power == 1.0
     for bad in (0.0, -1.0, 11.0):
         with pytest.raises(ValidationError, match="loss_power"):

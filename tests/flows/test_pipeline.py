@@ -117,6 +117,8 @@ def test_mlflow_run_has_loops_datasets_config_and_registered_version(pipeline):
     for key in ("dataset_digest", "method", "pvm", "code_version"):
         assert tags[key], key
     assert tags["method"] == "vecaf" and tags["pvm"] == "efficientnet_lite0@32px"
+    # the first run of this model name: no champion to warm-start from (training.init), and it says so
+    assert tags["training.init_used"] == "base" and "no champion yet" in tags["training.init_reason"]
     assert run.data.params["training.ratio"] == "0.04" and run.data.params["data.dataset"] == "digits"
     top1 = client.get_metric_history(run_id, "loop_top1")
     assert sorted(m.step for m in top1) == [1, 2]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vecaf.train.engine as engine
+import vecaf.train.plan as plan
 from vecaf.train import (
     EvalPoint,
     TrainingDivergedError,
@@ -575,14 +576,14 @@ def test_a_model_whose_head_fits_is_kept_without_a_warning(data):
 def _record_training_batches(monkeypatch):
     """Spy on the batches the training loop draws: one (subset, batches) entry per loop."""
     drawn = []
-    real = engine.epoch_batches
+    real = plan.epoch_batches
 
     def spy(subset, n_batches, batch_size, rng):
         batches = real(subset, n_batches, batch_size, rng)
         drawn.append((np.array(subset, copy=True), batches.copy()))
         return batches
 
-    monkeypatch.setattr(engine, "epoch_batches", spy)
+    monkeypatch.setattr(plan, "epoch_batches", spy)
     return drawn
 
 
@@ -636,6 +637,29 @@ def test_cumulative_must_be_a_bool(data):
     with pytest.raises(ValueError, match="cumulative must be True or False"):
         finetune(None, data["train_feats"], data["test_feats"], method="random", budget=5, batch_budget=3,
                  cumulative="yes")
+
+
+def test_replay_mixes_earlier_picks_into_each_batch(data, monkeypatch):
+    drawn = _record_training_batches(monkeypatch)
+    common = dict(mode="head", method="random", budget=5, loops=3, batch_budget=9, batch_size=8, lr=0.1, seed=4)
+    result = finetune(None, data["train_feats"], data["test_feats"], replay=0.5, **common)
+    # loop 1 has nothing to replay: one draw of full batches from its picks; later loops: 4 new + 4 replayed
+    assert [b.shape for _, b in drawn] == [(3, 8), (3, 4), (3, 4), (3, 4), (3, 4)]
+    picks = result.picks
+    assert set(drawn[0][1].reshape(-1).tolist()) <= set(picks[0].tolist())
+    for loop, (new, old) in ((1, (1, 2)), (2, (3, 4))):
+        assert set(drawn[new][1].reshape(-1).tolist()) <= set(picks[loop].tolist())
+        earlier = set(np.concatenate(picks[:loop]).tolist())
+        assert set(drawn[old][1].reshape(-1).tolist()) <= earlier
+    assert result.config["replay"] == 0.5 and [r.batches for r in result.loops] == [3, 3, 3]
+
+
+def test_replay_checks(data):
+    common = dict(method="random", budget=5, batch_budget=3)
+    with pytest.raises(ValueError, match=r"replay must lie in \[0, 1\)"):
+        finetune(None, data["train_feats"], data["test_feats"], replay=1.0, **common)
+    with pytest.raises(ValueError, match="replay is for the per-loop protocol"):
+        finetune(None, data["train_feats"], data["test_feats"], replay=0.5, cumulative=True, **common)
 
 
 class _StopAfterFirstLoop(Exception):

@@ -5,9 +5,12 @@
                       batch_size=32, text_embeddings=t, targets=(0.8, 0.85))
     result.top1, result.b2a, result.curve, result.loops[0].picks
 
-``engine`` (the loops, CEA in the forward pass, Eq. 10), ``head`` (the network split into embedding and
-head; frozen-backbone feature mode), ``evaluate`` (top-1, per-class accuracy, B2A), ``checkpoint``
-(loop-end checkpoints and exact resume) and ``ddp`` (data-parallel runs under torchrun).
+``engine`` (the run: selection step, training step with CEA in the forward pass, Eq. 10, evaluation),
+``plan`` (the loop plan: batches per loop, each loop's training set, the batch order, replay), ``head``
+(the network split into embedding and head; frozen-backbone feature mode), ``rows`` (inputs addressed by
+pool index), ``evaluate`` (top-1, per-class accuracy, B2A), ``records`` (loop records and the result),
+``checkpoint`` (loop-end checkpoints and exact resume), ``warm_start`` (whether a run starts from the
+champion) and ``ddp`` (data-parallel runs under torchrun).
 """
 
 from vecaf.train.checkpoint import latest_checkpoint, load_checkpoint

@@ -20,11 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from vecaf.train.evaluate import EvalPoint
+from vecaf.train.records import LoopRecord
+
 __all__ = [
     "capture_rng_state",
     "checkpoint_path",
     "latest_checkpoint",
     "load_checkpoint",
+    "point_from_state",
+    "point_state",
+    "record_from_state",
+    "record_state",
     "restore_rng_state",
     "save_checkpoint",
 ]
@@ -120,3 +127,47 @@ def _python_state_to_plain(state: tuple) -> list:
 def _python_state_from_plain(state: list) -> tuple:
     version, internal, gauss = state
     return (version, tuple(int(v) for v in internal.tolist()), gauss)
+
+
+def record_state(r: LoopRecord) -> dict[str, Any]:
+    """A loop record as checkpoint state (tensors and plain values: loadable with ``weights_only=True``)."""
+    return {
+        "loop": r.loop,
+        "picks": None if r.picks is None else torch.from_numpy(np.asarray(r.picks, dtype=np.int64)),
+        "pick_losses": None if r.pick_losses is None else torch.from_numpy(np.asarray(r.pick_losses, dtype=np.float32)),
+        "budget": r.budget,
+        "batches": r.batches,
+        "end_batches": r.end_batches,
+        "train_loss": r.train_loss,
+        "top1": r.top1,
+        "test_loss": r.test_loss,
+        "seconds": dict(r.seconds),
+    }
+
+
+def record_from_state(s: dict[str, Any]) -> LoopRecord:
+    """The loop record back from :func:`record_state`."""
+    return LoopRecord(
+        loop=int(s["loop"]),
+        picks=None if s["picks"] is None else s["picks"].numpy(),
+        pick_losses=None if s["pick_losses"] is None else s["pick_losses"].numpy(),
+        budget=int(s["budget"]),
+        batches=int(s["batches"]),
+        end_batches=int(s["end_batches"]),
+        train_loss=float(s["train_loss"]),
+        top1=float(s["top1"]),
+        test_loss=float(s["test_loss"]),
+        seconds={k: float(v) for k, v in s["seconds"].items()},
+    )
+
+
+def point_state(p: EvalPoint) -> dict[str, Any]:
+    """An evaluation point as checkpoint state."""
+    per_class = None if p.per_class is None else torch.from_numpy(np.asarray(p.per_class, dtype=np.float64))
+    return {"batches": p.batches, "top1": p.top1, "loss": p.loss, "loop": p.loop, "per_class": per_class}
+
+
+def point_from_state(s: dict[str, Any]) -> EvalPoint:
+    """The evaluation point back from :func:`point_state`."""
+    per_class = None if s["per_class"] is None else s["per_class"].numpy()
+    return EvalPoint(int(s["batches"]), float(s["top1"]), float(s["loss"]), int(s["loop"]), per_class)

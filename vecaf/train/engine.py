@@ -10,8 +10,9 @@ loops one batch more). Loop l:
    when it is smaller than a batch) with SGD (lr 5e-4, weight decay 1e-4, momentum 0.9) and one cosine
    decay over all B batches: lr(b) = lr0 * (1 + cos(pi b / B)) / 2 (Appendix C). The training set is the
    loop's K picks (the paper, Sec. 3.1: the selected set finetunes the PVM until the next loop starts),
-   or with ``cumulative=True`` the union of the picks of loops 1..l (a growing labelled set), with the
-   same B_l batches either way;
+   or with ``cumulative=True`` the union of the picks of loops 1..l (a growing labelled set), or with
+   ``replay=r`` the loop's picks with a share r of each batch from earlier picks, with the same B_l
+   batches either way (``vecaf.train.plan``);
 4. for training-set samples with a text embedding the head sees (1 - lam_bw) e_aug + lam_bw e (Eq. 10),
    e_aug = e - eta_K alpha (e - t) (Eq. 9), alpha = softmax over the training set of the squared
    distance between the normalised image embedding and the caption embedding projected into the image
@@ -20,7 +21,9 @@ loops one batch more). Loop l:
    with K the training set's size (the K-normalised step that ``vecaf.cea`` also uses for selection; up to
    l K when cumulative). alpha and t are constants (no gradient). lam_bw = 1 turns CEA off.
 
-Full-data finetuning (``method="full"`` or None) draws the same number of batches from the whole pool
+The run (``_Run``, explicit fields) is the loop plan (``vecaf.train.plan``), a selection step, a training
+step, an evaluation and a checkpoint (``vecaf.train.checkpoint``), in that order per loop; its records are
+``vecaf.train.records``. Full-data finetuning (``method="full"`` or None) draws the same number of batches from the whole pool
 with no selection. Evaluation on the test split every ``eval_every`` batches and at each loop end gives
 the curve (batches, top-1, loss) and B2A (``vecaf.train.evaluate``). Each loop end writes a checkpoint
 (``vecaf.train.checkpoint``) from which ``resume=True`` continues with identical results. Under
@@ -44,9 +47,18 @@ import torch
 from torch import nn
 
 from vecaf.train import checkpoint as ckpt
+from vecaf.train.checkpoint import point_from_state as _point_from_state
+from vecaf.train.checkpoint import point_state as _point_state
+from vecaf.train.checkpoint import record_from_state as _record_from_state
+from vecaf.train.checkpoint import record_state as _record_state
 from vecaf.train import ddp
 from vecaf.train.evaluate import EvalPoint, batches_to_accuracy, classification_metrics
 from vecaf.train.head import Network, install_head, make_head, prepare_backbone
+from vecaf.train.plan import derive_seed as _derive
+from vecaf.train.plan import epoch_batches, loop_batches, training_batches, training_set
+from vecaf.train.records import FinetuneResult, LoopRecord, TrainingDivergedError
+from vecaf.train.rows import Rows as _Rows
+from vecaf.train.rows import as_rows as _as_rows
 
 __all__ = ["FULL_DATA", "FinetuneResult", "LoopRecord", "TrainingDivergedError", "finetune", "loop_batches"]
 
@@ -54,226 +66,7 @@ FULL_DATA = "full"
 MODES = ("head", "full")
 CHECKPOINT_FORMAT = 1
 # fingerprint fields added after format 1 was written, with the value older checkpoints were made under
-_FINGERPRINT_DEFAULTS: dict[str, Any] = {"cumulative": False}
-_MATERIALIZE_LIMIT_BYTES = 2 << 30
-
-
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped before applying that batch.
-
-    Attributes:
-        loop: 0-based loop in which it happened.
-        batches: global batch index (1-based) whose loss was not finite.
-        checkpoint: the last good checkpoint (end of the previous loop), or None.
-        result: the partial :class:`FinetuneResult` (curve and loops so far).
-    """
-
-    def __init__(self, message: str, *, loop: int, batches: int, checkpoint: Path | None, result: Any) -> None:
-        super().__init__(message)
-        self.loop, self.batches, self.checkpoint, self.result = loop, batches, checkpoint, result
-
-
-@dataclass
-class LoopRecord:
-    """What happened in one loop.
-
-    Attributes:
-        loop: 0-based loop index.
-        picks: pool indices selected for this loop (None for full-data finetuning).
-        pick_losses: each pick's loss under the model at the loop start (why it was picked, for
-            loss-aware methods; None for full-data finetuning).
-        budget: K, samples selected (the pool size for full-data finetuning).
-        batches: batches trained in this loop.
-        end_batches: global batch count at the loop end.
-        train_loss: mean training loss over the loop's batches.
-        top1: test top-1 at the loop end.
-        test_loss: test loss at the loop end.
-        seconds: wall time of the loop's phases (pass, select, train, eval).
-    """
-
-    loop: int
-    picks: np.ndarray | None
-    pick_losses: np.ndarray | None
-    budget: int
-    batches: int
-    end_batches: int
-    train_loss: float
-    top1: float
-    test_loss: float
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view."""
-        return {
-            "loop": self.loop,
-            "picks": None if self.picks is None else self.picks.tolist(),
-            "pick_losses": None if self.pick_losses is None else [float(v) for v in self.pick_losses],
-            "budget": self.budget,
-            "batches": self.batches,
-            "end_batches": self.end_batches,
-            "train_loss": self.train_loss,
-            "top1": self.top1,
-            "test_loss": self.test_loss,
-            "seconds": dict(self.seconds),
-        }
-
-
-@dataclass
-class FinetuneResult:
-    """The outcome of :func:`finetune`.
-
-    Attributes:
-        method: selection method name, or "full" for full-data finetuning.
-        mode: "head" or "full".
-        config: the resolved settings of the run (JSON-ready).
-        loops: one :class:`LoopRecord` per loop.
-        curve: test evaluations in batch order (batch 0 = before training when evaluated).
-        train_curve: (batch, training loss) of every batch.
-        b2a: target top-1 -> batches to reach it (None if never), read from ``curve``.
-        timings: total seconds per phase and overall.
-        notes: things the engine decided and says (head replaced, CEA skipped...).
-        checkpoints: checkpoint files written, in loop order.
-        model: the trained model (full mode: the finetuned network; head mode: the model with the trained
-            head installed, or the bare head when no model was given).
-    """
-
-    method: str
-    mode: str
-    config: dict[str, Any]
-    loops: list[LoopRecord]
-    curve: list[EvalPoint]
-    train_curve: list[tuple[int, float]]
-    b2a: dict[float, int | None]
-    timings: dict[str, float]
-    notes: list[str]
-    checkpoints: list[str]
-    model: nn.Module | None = None
-
-    @property
-    def final(self) -> EvalPoint:
-        """The last evaluation (after all batches)."""
-        return self.curve[-1]
-
-    @property
-    def top1(self) -> float:
-        """Final test top-1 accuracy."""
-        return self.final.top1
-
-    @property
-    def per_class_accuracy(self) -> np.ndarray | None:
-        """Final per-class test accuracy (C,)."""
-        return self.final.per_class
-
-    @property
-    def picks(self) -> list[np.ndarray]:
-        """Per-loop selected indices (empty for full-data finetuning)."""
-        return [r.picks for r in self.loops if r.picks is not None]
-
-    def curve_array(self) -> np.ndarray:
-        """The curve as an (n, 3) array of (batches, top1, loss)."""
-        return np.array([(p.batches, p.top1, p.loss) for p in self.curve], dtype=np.float64).reshape(-1, 3)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view (the model left out)."""
-        return {
-            "method": self.method,
-            "mode": self.mode,
-            "config": self.config,
-            "final": self.final.to_dict(),
-            "b2a": {str(k): v for k, v in self.b2a.items()},
-            "loops": [r.to_dict() for r in self.loops],
-            "curve": [p.to_dict() for p in self.curve],
-            "train_curve": [list(p) for p in self.train_curve],
-            "timings": dict(self.timings),
-            "notes": list(self.notes),
-            "checkpoints": list(self.checkpoints),
-        }
-
-
-def loop_batches(batch_budget: int, loops: int) -> list[int]:
-    """Split B batches over L loops: B // L each, the first B mod L loops one more.
-
-    Raises:
-        ValueError: B < L (a loop would train no batch), or either is not a positive integer.
-    """
-    for name, value in (("batch_budget", batch_budget), ("loops", loops)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if batch_budget < loops:
-        raise ValueError(
-            f"batch_budget ({batch_budget}) is smaller than the number of loops ({loops}): every loop must "
-            "train at least one batch"
-        )
-    base, extra = divmod(int(batch_budget), int(loops))
-    return [base + (1 if i < extra else 0) for i in range(int(loops))]
-
-
-def epoch_batches(subset: np.ndarray, n_batches: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """``n_batches`` batches of pool indices that walk through reshuffled epochs of ``subset``.
-
-    The stream is perm_1(subset) ++ perm_2(subset) ++ ..., cut into consecutive batches of ``batch_size``;
-    a batch may span two epochs (and then hold a sample twice when the subset is smaller than a batch).
-
-    Returns:
-        (n_batches, batch_size) int64 array.
-    """
-    subset = np.asarray(subset, dtype=np.int64)
-    if subset.size == 0:
-        raise ValueError("cannot draw batches from an empty subset")
-    need = n_batches * batch_size
-    epochs = -(-need // subset.size)
-    stream = np.concatenate([rng.permutation(subset) for _ in range(epochs)])
-    return stream[:need].reshape(n_batches, batch_size)
-
-
-def _derive(seed: int, *keys: int) -> int:
-    return int(np.random.SeedSequence([int(seed), *[int(k) for k in keys]]).generate_state(1)[0])
-
-
-class _Rows:
-    """Model inputs addressed by pool index: an in-memory tensor, or a dataset read on demand."""
-
-    def __init__(self, tensor: torch.Tensor | None = None, dataset: Any = None, transform: Callable | None = None):
-        self.tensor, self.dataset, self.transform = tensor, dataset, transform
-
-    def __len__(self) -> int:
-        return int(self.tensor.shape[0]) if self.tensor is not None else len(self.dataset)
-
-    def take(self, idx: np.ndarray) -> torch.Tensor:
-        if self.tensor is not None:
-            return self.tensor[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
-        return torch.stack([_item_tensor(self.dataset[int(i)], self.transform) for i in idx])
-
-
-def _item_tensor(item: Any, transform: Callable | None) -> torch.Tensor:
-    image = item[1] if isinstance(item, tuple) else item
-    if transform is not None:
-        image = transform(image)
-    if not isinstance(image, torch.Tensor):
-        raise ValueError(
-            f"dataset items must give tensors (pass transform=... or a PVM), got {type(image).__name__}"
-        )
-    return image.float()
-
-
-def _as_rows(data: Any, *, transform: Callable | None, name: str, materialize: bool | None = None) -> _Rows:
-    if isinstance(data, (torch.Tensor, np.ndarray)):
-        tensor = torch.as_tensor(np.asarray(data) if isinstance(data, np.ndarray) else data).float()
-        if tensor.ndim < 2 or tensor.shape[0] == 0:
-            raise ValueError(f"{name} must be a non-empty array with one row per sample, got {tuple(tensor.shape)}")
-        return _Rows(tensor=tensor)
-    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-        raise ValueError(f"{name} must be a dataset, an (inputs, labels) pair or an array, got {type(data).__name__}")
-    if len(data) == 0:
-        raise ValueError(f"{name} is empty")
-    rows = _Rows(dataset=data, transform=transform)
-    if materialize is None:
-        first = rows.take(np.arange(1))
-        materialize = first.numel() * first.element_size() * len(data) <= _MATERIALIZE_LIMIT_BYTES
-    if materialize:
-        parts = [rows.take(np.arange(s, min(s + 256, len(data)))) for s in range(0, len(data), 256)]
-        return _Rows(tensor=torch.cat(parts))
-    return rows
+_FINGERPRINT_DEFAULTS: dict[str, Any] = {"cumulative": False, "replay": 0.0}
 
 
 def _split_data(data: Any, name: str) -> tuple[Any, np.ndarray, list[str] | None]:
@@ -445,6 +238,7 @@ def finetune(
     lam_bw: float = 0.998,
     exclude_previous: bool = True,
     cumulative: bool = False,
+    replay: float = 0.0,
     use_losses: bool = True,
     eval_every: int | None = None,
     eval_at_start: bool = True,
@@ -504,6 +298,9 @@ def finetune(
             union of the picks of loops 1..l (the growing labelled set of classic active learning; the
             batch budget is unchanged), and the CEA constants (Eq. 8-9) are computed over that union.
             Ignored by full-data finetuning.
+        replay: with ``cumulative=False``, the share of each training batch drawn from the picks of earlier
+            loops (replay), the rest from the loop's own picks; 0 (default) is the paper's protocol. The CEA
+            constants then cover the loop's picks and the earlier ones. Must lie in [0, 1).
         use_losses: give the per-sample losses to the selection; False passes constant losses, which
             removes the loss weighting of Eq. 7 (the "ODS off" row of Table 5).
         eval_every: evaluate on the test split every n global batches (default B // 10); loop ends and
@@ -564,6 +361,11 @@ def finetune(
         raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
     if not isinstance(cumulative, (bool, np.bool_)):
         raise ValueError(f"cumulative must be True or False, got {cumulative!r}")
+    replay = float(replay)
+    if not (0.0 <= replay < 1.0):
+        raise ValueError(f"replay must lie in [0, 1), got {replay}")
+    if replay > 0 and cumulative:
+        raise ValueError("replay is for the per-loop protocol: pass cumulative=False with replay > 0")
     if resume and checkpoint_dir is None and not isinstance(resume, (str, Path)):
         raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint file as resume=path)")
 
@@ -634,6 +436,7 @@ def finetune(
             lam_bw=lam_bw,
             exclude_previous=bool(exclude_previous),
             cumulative=bool(cumulative),
+            replay=replay,
             use_losses=bool(use_losses),
             eval_every=int(eval_every),
             eval_at_start=bool(eval_at_start),
@@ -671,19 +474,76 @@ def _device_for(device: str, ctx: ddp.DistContext) -> torch.device:
     return dev
 
 
+@dataclass(eq=False)
 class _Run:
-    """One finetuning run's state; :meth:`execute` does the loops."""
+    """One finetuning run: the settings :func:`finetune` resolved and checked (explicit fields), the run's
+    state, and :meth:`execute`, which does the loops.
 
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
-        self.notes: list[str] = []
-        self.timings = {"features": 0.0, "pass": 0.0, "select": 0.0, "train": 0.0, "eval": 0.0}
-        self.curve: list[EvalPoint] = []
-        self.train_curve: list[tuple[int, float]] = []
-        self.records: list[LoopRecord] = []
-        self.checkpoints: list[str] = []
-        self.step = 0
-        self.last_checkpoint: Path | None = None
+    The parts, in the order a loop uses them: loop plan (``vecaf.train.plan``: batches per loop, the
+    training set, the batch order), selection step (:meth:`_select`), training step (:meth:`_train_loop`),
+    evaluation (:meth:`_evaluate`), checkpoint (:meth:`_save` / :meth:`_load`).
+    """
+
+    # what trains, on what
+    model: nn.Module | None
+    mode: str
+    method: str
+    full_data: bool
+    train: tuple[Any, np.ndarray]
+    test: tuple[Any, np.ndarray]
+    num_classes: int
+    transform: Callable | None
+    train_features: Any
+    test_features: Any
+    image_size: int | None
+    # the loop plan
+    k: int
+    per_loop: list[int]
+    batch_size: int
+    exclude_previous: bool
+    cumulative: bool
+    replay: float
+    # the optimiser and the objective
+    lr: float
+    weight_decay: float
+    momentum: float
+    schedule: str
+    objective: Any
+    target_class: int | None
+    class_weights: Any
+    # CEA and selection
+    text_embeddings: Any
+    eta: float
+    lam_bw: float
+    use_losses: bool
+    selection_options: dict[str, Any]
+    # evaluation, checkpoints, execution
+    eval_every: int
+    eval_at_start: bool
+    targets: tuple[float, ...]
+    eval_batch_size: int
+    checkpoint_dir: Path | None
+    resume: bool | str | Path
+    seed: int
+    device: torch.device
+    amp: bool
+    compile: bool
+    freeze_bn: bool
+    callbacks: _Callbacks
+    return_model: bool
+    ctx: ddp.DistContext
+    # the run's state
+    notes: list[str] = field(default_factory=list, init=False)
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"features": 0.0, "pass": 0.0, "select": 0.0, "train": 0.0, "eval": 0.0}, init=False
+    )
+    curve: list[EvalPoint] = field(default_factory=list, init=False)
+    train_curve: list[tuple[int, float]] = field(default_factory=list, init=False)
+    records: list[LoopRecord] = field(default_factory=list, init=False)
+    checkpoints: list[str] = field(default_factory=list, init=False)
+    step: int = field(default=0, init=False)
+    last_checkpoint: Path | None = field(default=None, init=False)
+    loop_cea: dict[str, Any] | None = field(default=None, init=False)
 
     # ----- set-up -------------------------------------------------------------------------------------
     def _note(self, text: str, *, warn: bool = False) -> None:
@@ -920,17 +780,12 @@ class _Run:
         return picks, losses[picks], emb, seconds
 
     def _training_set(self, picks: np.ndarray) -> np.ndarray:
-        """What the current loop trains on: its picks, or (cumulative) the union with every earlier loop's.
-
-        The union lists the picks in loop order, each sample once (at its first pick), so loop 1 trains
-        exactly as without ``cumulative``. ``self.records`` holds the earlier loops (restored from the
-        checkpoint on resume).
-        """
-        if self.full_data or not self.cumulative:
+        """What the current loop trains on (``vecaf.train.plan.training_set``); ``self.records`` holds the
+        earlier loops (restored from the checkpoint on resume)."""
+        if self.full_data:
             return picks
-        chosen = np.concatenate([r.picks for r in self.records] + [np.asarray(picks, dtype=np.int64)])
-        _, first = np.unique(chosen, return_index=True)
-        return chosen[np.sort(first)]
+        earlier = [r.picks for r in self.records]
+        return training_set(picks, earlier, cumulative=self.cumulative, replay=self.replay)
 
     def _cea_constants(self, emb: np.ndarray, picks: np.ndarray) -> dict[str, Any] | None:
         """Projected t and step s = eta K alpha (Eq. 8-9) of the loop's training set (``picks``: its pool
@@ -972,11 +827,11 @@ class _Run:
             message, loop=loop, batches=self.step + 1, checkpoint=self.last_checkpoint, result=self._result(None)
         )
 
-    def _train_loop(self, loop: int, subset: np.ndarray) -> float:
+    def _train_loop(self, loop: int, subset: np.ndarray, picks: np.ndarray | None = None) -> float:
         rng = np.random.default_rng(_derive(self.seed, 4, loop))
-        batches = epoch_batches(subset, self.per_loop[loop], self.batch_size, rng)
+        batches = training_batches(subset, picks, self.per_loop[loop], self.batch_size, rng, replay=self.replay)
         share = ddp.row_block(self.batch_size, self.ctx)
-        cea = getattr(self, "loop_cea", None) if self.cea_forward else None
+        cea = self.loop_cea if self.cea_forward else None
         self._train_mode()
         losses = []
         last = len(batches) - 1
@@ -1029,6 +884,7 @@ class _Run:
             "cea": bool(self.cea_forward),
             "exclude_previous": self.exclude_previous,
             "cumulative": bool(self.cumulative) and not self.full_data,
+            "replay": 0.0 if self.full_data else float(self.replay),
             "use_losses": self.use_losses,
             "seed": self.seed,
             "pool_size": len(self.train_labels),
@@ -1110,7 +966,7 @@ class _Run:
             self.timings["select"] += seconds["select"]
             t0 = time.perf_counter()
             eval_before = self.timings["eval"]
-            train_loss = self._train_loop(loop, self._training_set(picks))
+            train_loss = self._train_loop(loop, self._training_set(picks), None if self.full_data else picks)
             point = self._evaluate(loop)
             eval_seconds = self.timings["eval"] - eval_before
             train_seconds = time.perf_counter() - t0 - eval_seconds
@@ -1194,43 +1050,3 @@ def _call_select(
     return select(
         emb, k, method=method, losses=losses, text_embeddings=text_embeddings, exclude=exclude, seed=seed, **options
     )
-
-
-def _record_state(r: LoopRecord) -> dict[str, Any]:
-    return {
-        "loop": r.loop,
-        "picks": None if r.picks is None else torch.from_numpy(np.asarray(r.picks, dtype=np.int64)),
-        "pick_losses": None if r.pick_losses is None else torch.from_numpy(np.asarray(r.pick_losses, dtype=np.float32)),
-        "budget": r.budget,
-        "batches": r.batches,
-        "end_batches": r.end_batches,
-        "train_loss": r.train_loss,
-        "top1": r.top1,
-        "test_loss": r.test_loss,
-        "seconds": dict(r.seconds),
-    }
-
-
-def _record_from_state(s: dict[str, Any]) -> LoopRecord:
-    return LoopRecord(
-        loop=int(s["loop"]),
-        picks=None if s["picks"] is None else s["picks"].numpy(),
-        pick_losses=None if s["pick_losses"] is None else s["pick_losses"].numpy(),
-        budget=int(s["budget"]),
-        batches=int(s["batches"]),
-        end_batches=int(s["end_batches"]),
-        train_loss=float(s["train_loss"]),
-        top1=float(s["top1"]),
-        test_loss=float(s["test_loss"]),
-        seconds={k: float(v) for k, v in s["seconds"].items()},
-    )
-
-
-def _point_state(p: EvalPoint) -> dict[str, Any]:
-    per_class = None if p.per_class is None else torch.from_numpy(np.asarray(p.per_class, dtype=np.float64))
-    return {"batches": p.batches, "top1": p.top1, "loss": p.loss, "loop": p.loop, "per_class": per_class}
-
-
-def _point_from_state(s: dict[str, Any]) -> EvalPoint:
-    per_class = None if s["per_class"] is None else s["per_class"].numpy()
-    return EvalPoint(int(s["batches"]), float(s["top1"]), float(s["loss"]), int(s["loop"]), per_class)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vecaf.train.rows import as_rows
+
 __all__ = ["Network", "extract_features", "init_linear_", "make_head", "prepare_backbone"]
 
 
@@ -210,9 +212,7 @@ def extract_features(
     """
     if not _timm_like(model):
         raise ValueError(f"{type(model).__name__} is not a timm-style model (forward_features / forward_head)")
-    from vecaf.train.engine import _as_rows
-
-    rows = _as_rows(inputs, transform=transform, name="inputs")
+    rows = as_rows(inputs, transform=transform, name="inputs")
     dev = torch.device(device)
     was_training = model.training
     model.to(dev).eval()
