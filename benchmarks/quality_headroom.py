@@ -56,7 +56,7 @@ IMAGE_SIZE = 64
 METHODS = ["random", "coreset", "topk_loss", "entropy", "margin", "activeft", "vecaf", "full"]
 REFERENCE = "vecaf"
 # Chosen by --tune on the validation split (results/quality-headroom-tuning.json); see the module docstring.
-PROTOCOL = {"batch_budget": 1500, "batch_size": 32, "lr": 5e-2}
+PROTOCOL = {"batch_budget": 3000, "batch_size": 32, "lr": 5e-2}
 VALIDATION_PER_CLASS = 500
 VALIDATION_SEED = 12345
 TUNE_GRID = {"batch_budget": [300, 1500, 3000], "lr": [5e-4, 5e-3, 5e-2, 2e-1], "batch_size": [32]}
@@ -67,6 +67,9 @@ QUICK = {"pool": 3000, "test": 1000, "batch_budget": 60, "seeds": [0], "eval_poi
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tune", action="store_true", help="run the validation grid and write the tuning JSON")
+    p.add_argument("--tune-budgets", type=int, nargs="+", default=TUNE_GRID["batch_budget"])
+    p.add_argument("--tune-lrs", type=float, nargs="+", default=TUNE_GRID["lr"])
+    p.add_argument("--tune-merge", type=Path, nargs="+", help="apply the rule to the union of these tuning JSONs")
     p.add_argument("--quick", action="store_true", help="small smoke run on subsets (CI)")
     p.add_argument("--methods", nargs="+", default=METHODS, help=f"default: {' '.join(METHODS)}")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.02])
@@ -270,8 +273,8 @@ def tune(args, log) -> dict[str, Any]:
     x, y = train["features"], train["labels"]
     data = {"train": (x[pool_idx], y[pool_idx]), "test": (x[val_idx], y[val_idx])}
     grid = []
-    for budget in TUNE_GRID["batch_budget"]:
-        for lr in TUNE_GRID["lr"]:
+    for budget in args.tune_budgets:
+        for lr in args.tune_lrs:
             for bs in TUNE_GRID["batch_size"]:
                 sub = argparse.Namespace(**{**vars(args), "batch_budget": budget, "lr": lr, "batch_size": bs})
                 cell = {"batch_budget": budget, "lr": lr, "batch_size": bs}
@@ -282,6 +285,11 @@ def tune(args, log) -> dict[str, Any]:
                 cell["gap"] = cell["full"] - cell["random"]
                 grid.append(cell)
                 log(f"tune {cell}")
+    return tuning_report(args, grid, {"pool": int(pool_idx.size), "validation": int(val_idx.size)})
+
+
+def tuning_report(args, grid: list[dict[str, Any]], sizes: dict[str, int]) -> dict[str, Any]:
+    """The rule of the module docstring applied to the grid cells."""
     best_full = max(c["full"] for c in grid)
     eligible = [c for c in grid if c["full"] >= best_full - 0.01]
     chosen = max(eligible, key=lambda c: (round(c["gap"], 6), -c["batch_budget"]))
@@ -289,8 +297,7 @@ def tune(args, log) -> dict[str, Any]:
         "benchmark": "quality-headroom-tuning",
         "rule": "among cells with full-data top-1 within 1 point of the best, the largest gap full - random 1%/loop "
                 "(ties: smaller budget)",
-        "validation": {"per_class": VALIDATION_PER_CLASS, "seed": VALIDATION_SEED, "pool": int(pool_idx.size),
-                       "validation": int(val_idx.size)},
+        "validation": {"per_class": VALIDATION_PER_CLASS, "seed": VALIDATION_SEED, **sizes},
         "seeds": TUNE_SEEDS,
         "loops": args.loops,
         "grid": grid,
@@ -311,6 +318,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
+    if args.tune_merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.tune_merge]
+        grid = [c for part in parts for c in part["grid"]]
+        sizes = {k: parts[0]["validation"][k] for k in ("pool", "validation")}
+        report = tuning_report(args, grid, sizes)
+        report["parts"] = [str(p) for p in args.tune_merge]
+        path = args.out / "quality-headroom-tuning.json"
+        path.write_text(json.dumps(report, indent=1))
+        log(f"chosen {report['chosen']}; wrote {path}")
+        return report
     if args.tune:
         report = tune(args, log)
         path = args.out / f"quality-headroom-tuning{suffix}.json"
