@@ -12,6 +12,8 @@ COLORS = {
     "random": "#7f7f7f",
     "topk_loss": "#bcbd22",
     "coreset": "#17becf",
+    "entropy": "#9467bd",
+    "margin": "#8c564b",
     "activeft": "#1f77b4",
     "vecaf-ods": "#ff7f0e",
     "vecaf-ods-eq3": "#bcbd22",

@@ -2,7 +2,7 @@
 
 The embedded default PVM (EfficientNet-Lite0, ImageNet weights) is finetuned on Fashion-MNIST in L = 3 loops
 under one fixed batch budget shared by every method; each loop selects a ratio r of the pool (1 %, 2 %, 5 %).
-Methods: random, topk_loss, coreset, activeft, VeCAF without CEA (ODS only; ``vecaf-ods`` with the default
+Methods: random, topk_loss, coreset, entropy and margin (uncertainty sampling), activeft, VeCAF without CEA (ODS only; ``vecaf-ods`` with the default
 tempered weights p ~ L^0.5, ``vecaf-ods-eq3`` with Eq. 3's p = L / sum L), VeCAF (ODS + CEA with the
 default captioner and text encoder) and full-data finetuning (random batches from the whole pool). Several
 seeds per cell; the table gives mean +- standard error of the final test top-1, and B2A (batches to reach a
@@ -58,11 +58,16 @@ DATASET = "fashion-mnist"
 PVM_NAME = "efficientnet_lite0"
 CAPTIONER = "imagenet-labels"
 TEXT_ENCODER = "all-MiniLM-L6-v2"
-TABLE1_METHODS = ["random", "topk_loss", "coreset", "activeft", "vecaf-ods-eq3", "vecaf-ods", "vecaf", "full"]
+TABLE1_METHODS = [
+    "random", "topk_loss", "coreset", "entropy", "margin", "activeft", "vecaf-ods-eq3", "vecaf-ods", "vecaf", "full",
+]
 METHOD_SPECS: dict[str, dict[str, Any]] = {
     "random": {"method": "random"},
     "topk_loss": {"method": "topk_loss"},
     "coreset": {"method": "coreset"},
+    # uncertainty sampling: the engine passes softmax(logits) of the current model as probs
+    "entropy": {"method": "entropy"},
+    "margin": {"method": "margin"},
     "activeft": {"method": "activeft"},
     "vecaf-ods": {"method": "vecaf"},
     # Eq. 3 as written (p = L / sum L) instead of the default tempered p ~ L^0.5 (docs/fidelity.md)

@@ -26,12 +26,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "imagefolder")
-METHODS = ("vecaf", "activeft", "coreset", "topk_loss", "random", "full")
+METHODS = ("vecaf", "activeft", "coreset", "topk_loss", "entropy", "margin", "random", "full")
 """Selection methods of ``vecaf.list_methods()``, plus "full" (full-data finetuning, no selection)."""
 OBJECTIVES = ("ce", "one-vs-all", "class-weighted")
 
 DatasetName = Literal["fashion-mnist", "digits", "cifar10", "cifar100", "imagefolder"]
-MethodName = Literal["vecaf", "activeft", "coreset", "topk_loss", "random", "full"]
+MethodName = Literal["vecaf", "activeft", "coreset", "topk_loss", "entropy", "margin", "random", "full"]
 ObjectiveName = Literal["ce", "one-vs-all", "class-weighted"]
 
 MAX_PROMPT_LENGTH = 300

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,3 +201,73 @@ def test_rate_summary_is_n_over_seconds():
     summary = common.rate_summary(100, [2.0, 4.0, 5.0])
     assert summary["per_s_runs"] == [50.0, 25.0, 20.0]
     assert summary["per_s"] == 25.0
+
+
+# --- quality_headroom.py (issue 14) -----------------------------------------------------------------------
+
+
+def _load_headroom():
+    spec = importlib.util.spec_from_file_location("bench_headroom", BENCH / "quality_headroom.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_headroom_time_to_accuracy_by_hand():
+    headroom = _load_headroom()
+    loops = [
+        {"end_batches": 10, "batches": 10, "seconds": {"pass": 1.0, "select": 4.0, "train": 2.0, "eval": 9.0}},
+        {"end_batches": 20, "batches": 10, "seconds": {"pass": 1.0, "select": 6.0, "train": 3.0, "eval": 9.0}},
+    ]
+    curve = [[0, 0.1, 0], [5, 0.3, 0], [10, 0.5, 0], [15, 0.6, 0], [20, 0.7, 0]]
+    run = {"curve": curve, "loops": loops}
+    assert headroom.time_to_accuracy(run, 0.05) == 0.0  # before any training
+    assert headroom.time_to_accuracy(run, 0.3) == pytest.approx(1 + 4 + 2 * 5 / 10)
+    assert headroom.time_to_accuracy(run, 0.5) == pytest.approx(1 + 4 + 2)
+    assert headroom.time_to_accuracy(run, 0.6) == pytest.approx(7 + 1 + 6 + 3 * 5 / 10)
+    assert headroom.time_to_accuracy(run, 0.7) == pytest.approx(7 + 10)
+    assert headroom.time_to_accuracy(run, 0.9) is None
+
+
+def test_headroom_validation_split_is_stratified_disjoint_and_seeded():
+    headroom = _load_headroom()
+    labels = np.repeat(np.arange(4), 30)
+    pool, held = headroom.validation_split(labels, per_class=5, seed=1)
+    assert np.intersect1d(pool, held).size == 0 and pool.size + held.size == 120
+    assert np.bincount(labels[held]).tolist() == [5, 5, 5, 5]
+    np.testing.assert_array_equal(held, headroom.validation_split(labels, per_class=5, seed=1)[1])
+    assert not np.array_equal(held, headroom.validation_split(labels, per_class=5, seed=2)[1])
+
+
+@pytest.mark.slow
+def test_headroom_quick_run_summary_follows_from_its_runs(tmp_path):
+    """--quick end to end (subsets of the splits, 60 batches): every method and ratio summarised, paired diffs
+    and time-to-accuracy recomputed from the raw runs."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "quality_headroom.py"), "--quick", "--out", str(tmp_path),
+         "--cache", str(tmp_path / "cache")],
+        env=_env(), capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "quality-headroom-quick.json").read_text())
+    headroom = _load_headroom()
+    summary, runs = report["summary"], report["runs"]
+    assert report["settings"]["quick"] is True and report["inputs"]["pool_size"] == 3000
+    for method in headroom.METHODS:
+        for ratio in (0.01, 0.02):
+            cell = summary[f"{method}@{ratio:g}"]
+            group = [r for r in runs if r["method"] == method and r["ratio"] == ratio]
+            assert cell["seeds"] == len(group) == 1
+            assert cell["top1_mean"] == pytest.approx(np.mean([r["top1"] for r in group]))
+            assert _is_number(cell["top1_se"]) and 0.0 <= cell["top1_mean"] <= 1.0
+            if method != "full":
+                assert [len(p) for p in group[0]["picks"]] == [round(ratio * 3000)] * 3
+            if method != "vecaf":
+                ref = next(r for r in runs if r["method"] == "vecaf" and r["ratio"] == ratio)
+                assert cell["paired_vs_vecaf"]["mean"] == pytest.approx(ref["top1"] - group[0]["top1"])
+            for target, tta in cell["time_to_accuracy_s"].items():
+                (b,) = cell["b2a"][target]["per_seed"]
+                (t,) = tta["per_seed"]
+                assert (b is None) == (t is None)
+                if t is not None:
+                    assert 0.0 <= t <= group[0]["seconds"]["wall"]

@@ -13,7 +13,7 @@ import vecaf
 from vecaf.selection import ensemble, matching, registry
 from vecaf.selection.methods import initial_indices
 
-METHODS = ["activeft", "coreset", "random", "topk_loss", "vecaf"]
+METHODS = ["activeft", "coreset", "entropy", "margin", "random", "topk_loss", "vecaf"]
 FAST = {"max_iters": 60}
 
 
@@ -24,7 +24,13 @@ def _clusters(n=600, d=12, c=6, seed=0, spread=3.0):
     return centres[labels] + rng.standard_normal((n, d)), labels
 
 
-def _options(method, fast=True):
+def _probs(n, c=4, seed=0):
+    return np.random.default_rng(seed).dirichlet(np.ones(c), size=n)
+
+
+def _options(method, fast=True, n=None):
+    if method in ("entropy", "margin"):
+        return {"probs": _probs(n)}
     if method in ("vecaf", "activeft"):
         return {**FAST, "device": "cpu"} if fast else {"device": "cpu"}
     return {"device": "cpu"} if method == "coreset" else {}
@@ -89,7 +95,7 @@ def test_contract_exclude_unique_deterministic(method):
     x, _ = _clusters(300)
     losses = np.random.default_rng(1).random(300)
     exclude = np.arange(0, 300, 3)
-    kwargs = dict(method=method, losses=losses, exclude=exclude, **_options(method))
+    kwargs = dict(method=method, losses=losses, exclude=exclude, **_options(method, n=300))
     first = vecaf.select(x, 25, seed=4, **kwargs)
     again = vecaf.select(torch.as_tensor(x, dtype=torch.float32), 25, seed=4, **kwargs)
     assert first.dtype == np.int64 and first.shape == (25,)
@@ -187,6 +193,88 @@ def test_topk_loss_matches_sorting_and_breaks_ties_by_seed():
         tuple(sorted(vecaf.select(x, 2, method="topk_loss", losses=losses, seed=s).tolist())) for s in range(12)
     }
     assert tie_sets <= {(1, 3), (1, 6), (3, 6)} and len(tie_sets) > 1
+
+
+# Rows worked by hand (natural log). entropy: r1 ln 3 = 1.0986 > r6 1.0805 > r4 0.9489 > r3 0.8979 > r5 0.8018
+# > r2 ln 2 = 0.6931 > r0 0 (r4 = -2 (0.45 ln 0.45) - 0.1 ln 0.1); margin p(1) - p(2): r1 = r2 = r4 = 0 < r6 0.05 < r3 0.3 < r5 0.5 < r0 1.
+HAND_PROBS = np.array(
+    [
+        [1.0, 0.0, 0.0],
+        [1 / 3, 1 / 3, 1 / 3],
+        [0.5, 0.5, 0.0],
+        [0.6, 0.3, 0.1],
+        [0.45, 0.1, 0.45],
+        [0.7, 0.2, 0.1],
+        [0.4, 0.35, 0.25],
+    ]
+)
+
+
+def test_entropy_and_margin_on_rows_worked_by_hand():
+    from vecaf.selection.uncertainty import entropy_scores, margin_scores
+
+    np.testing.assert_allclose(
+        entropy_scores(torch.as_tensor(HAND_PROBS)),
+        [0.0, 1.0986123, 0.6931472, 0.8979457, 0.9489154, 0.8018185, 1.0805276],
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(margin_scores(torch.as_tensor(HAND_PROBS)), [1, 0, 0, 0.3, 0, 0.5, 0.05], atol=1e-12)
+    x = np.random.default_rng(0).standard_normal((7, 2))
+    assert vecaf.select(x, 3, method="entropy", probs=HAND_PROBS).tolist() == [1, 6, 4]
+    assert vecaf.select(x, 3, method="entropy", probs=HAND_PROBS, exclude=[1]).tolist() == [6, 4, 3]
+    assert sorted(vecaf.select(x, 3, method="margin", probs=HAND_PROBS).tolist()) == [1, 2, 4]
+    assert vecaf.select(x, 4, method="margin", probs=HAND_PROBS, exclude=[1, 2])[1:].tolist() == [6, 3, 5]
+    # the three zero margins tie: which two of them come first depends on the seed, deterministically
+    tie_sets = {tuple(sorted(vecaf.select(x, 2, method="margin", probs=HAND_PROBS, seed=s).tolist())) for s in range(12)}
+    assert tie_sets <= {(1, 2), (1, 4), (2, 4)} and len(tie_sets) > 1
+    again = vecaf.select(x, 2, method="margin", probs=HAND_PROBS, seed=5)
+    np.testing.assert_array_equal(again, vecaf.select(x, 2, method="margin", probs=HAND_PROBS, seed=5))
+
+
+@pytest.mark.parametrize("method", ["entropy", "margin"])
+def test_uncertainty_sampling_matches_a_plain_loop(method):
+    rng = np.random.default_rng(7)
+    probs = rng.dirichlet(np.full(5, 0.5), size=60).astype(np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)
+    exclude = [0, 3, 9, 10, 41]
+    scored = []
+    for i, row in enumerate(probs.tolist()):
+        if i in exclude:
+            continue
+        if method == "entropy":
+            uncertainty = -sum(p * math.log(p) for p in row if p > 0)
+        else:
+            first, second = sorted(row, reverse=True)[:2]
+            uncertainty = -(first - second)
+        scored.append((uncertainty, i))
+    expected = [i for _, i in sorted(scored, reverse=True)[:12]]
+    idx = vecaf.select(np.ones((60, 3)), 12, method=method, probs=probs, exclude=exclude, seed=3)
+    assert idx.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "probs,message",
+    [
+        (None, "method '{m}' needs probs"),
+        (np.full(7, 1 / 7), r"probs must be a 2-D \(N, C\) array"),
+        (np.full((6, 3), 1 / 3), "probs has 6 rows but embeddings have 7"),
+        (np.ones((7, 1)), "probs needs at least 2 classes"),
+        (np.where(np.arange(7)[:, None] == 2, np.nan, HAND_PROBS), "probs contains NaN"),
+        (HAND_PROBS * np.array([[1.0], [1.0], [1.0], [2.0], [1.0], [1.0], [1.0]]), "row 3 sums to 2"),
+        (np.where(np.arange(7)[:, None] == 4, [[1.5, -0.5, 0.0]], HAND_PROBS), "must be non-negative.*row 4"),
+    ],
+)
+@pytest.mark.parametrize("method", ["entropy", "margin"])
+def test_uncertainty_sampling_refuses_bad_probs(method, probs, message):
+    with pytest.raises(ValueError, match=message.format(m=method)):
+        vecaf.select(np.ones((7, 2)), 2, method=method, probs=probs)
+
+
+def test_probs_are_ignored_by_methods_that_do_not_read_them():
+    x, _ = _clusters(40)
+    np.testing.assert_array_equal(
+        vecaf.select(x, 5, method="random", probs="not even an array", seed=2), vecaf.select(x, 5, method="random", seed=2)
+    )
 
 
 def test_coreset_matches_plain_k_center_greedy():
@@ -421,7 +509,9 @@ def test_every_method_runs_on_cpu_with_float64_and_torch_inputs():
     x, _ = _clusters(120, d=5)
     losses = torch.rand(120, dtype=torch.float64)
     for method in METHODS:
-        idx = vecaf.select(torch.as_tensor(x, dtype=torch.float64), 7, method=method, losses=losses, **_options(method))
+        idx = vecaf.select(
+            torch.as_tensor(x, dtype=torch.float64), 7, method=method, losses=losses, **_options(method, n=120)
+        )
         assert idx.shape == (7,) and np.unique(idx).size == 7
 
 
@@ -589,3 +679,31 @@ def test_bad_loss_power_raises_value_error(power, message):
         vecaf.select(GOOD, 5, method="vecaf", losses=LOSS, loss_power=power, max_iters=5)
     with pytest.raises(ValueError, match="loss_power must be a finite number > 0"):
         ods.loss_weights(torch.ones(3), 3, "cpu", power=power)
+
+
+@pytest.mark.parametrize("method", ["entropy", "margin"])
+def test_engine_gives_uncertainty_sampling_the_current_models_probabilities(monkeypatch, method):
+    """finetune passes softmax(logits) of the head at each loop start: the same logits as the pool losses."""
+    from vecaf.train import engine, finetune
+
+    x, y = _clusters(200, d=8, c=4, seed=5)
+    seen = []
+    real = engine._call_select
+
+    def spy(emb, k, **kwargs):
+        seen.append(kwargs["probs"])
+        picks = real(emb, k, **kwargs)
+        expected = vecaf.select(emb, k, method=method, probs=kwargs["probs"], exclude=kwargs["exclude"],
+                                seed=kwargs["seed"])
+        np.testing.assert_array_equal(picks, expected)
+        return picks
+
+    monkeypatch.setattr(engine, "_call_select", spy)
+    result = finetune(None, (x, y), (x[:50], y[:50]), mode="head", method=method, ratio=0.05, loops=2,
+                      batch_budget=8, batch_size=8, lr=0.1)
+    assert len(seen) == 2
+    for probs, loop in zip(seen, result.loops):
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+        # the pool pass's cross-entropy losses are -log p_y of these probabilities
+        np.testing.assert_allclose(-np.log(probs[loop.picks, y[loop.picks]]), loop.pick_losses, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(seen[0], seen[1])  # the head trained in between

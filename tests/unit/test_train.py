@@ -379,7 +379,9 @@ def test_result_metrics_curve_b2a_and_callbacks(data):
     assert as_dict["final"]["top1"] == result.top1 and len(as_dict["loops"]) == 3
 
 
-@pytest.mark.parametrize("method", ["random", "topk_loss", "coreset", "activeft", "vecaf", "full"])
+@pytest.mark.parametrize(
+    "method", ["random", "topk_loss", "coreset", "activeft", "entropy", "margin", "vecaf", "full"]
+)
 def test_every_method_runs_in_the_same_engine(data, method):
     from vecaf.selection import list_methods
 
@@ -397,7 +399,7 @@ def test_every_method_runs_in_the_same_engine(data, method):
 def test_every_registered_method_is_covered_by_the_engine_test():
     from vecaf.selection import list_methods
 
-    tested = {"random", "topk_loss", "coreset", "activeft", "vecaf"}
+    tested = {"random", "topk_loss", "coreset", "activeft", "entropy", "margin", "vecaf"}
     assert set(list_methods()) <= tested, f"untested selection methods: {set(list_methods()) - tested}"
 
 

@@ -32,11 +32,14 @@ class SelectionMethod:
         name: the registered name (set by ``register_method``).
         requires_losses: ``select`` refuses to run this strategy without per-sample losses.
         uses_text: the strategy reads ``text_embeddings`` (others ignore them).
+        requires_probs: the strategy needs the current model's (N, C) class probabilities; ``select``
+            passes them to its ``select`` as the keyword ``probs`` (a float64 CPU tensor).
     """
 
     name: ClassVar[str] = ""
     requires_losses: ClassVar[bool] = False
     uses_text: ClassVar[bool] = False
+    requires_probs: ClassVar[bool] = False
 
     @classmethod
     def from_options(cls, **options: Any) -> "SelectionMethod":
@@ -112,6 +115,7 @@ def select(
     text_embeddings: Any = None,
     exclude: Any = None,
     seed: int = 0,
+    probs: Any = None,
     **options: Any,
 ) -> np.ndarray:
     """Select ``budget`` samples of a pool with the named strategy.
@@ -120,13 +124,16 @@ def select(
         embeddings: (N, D) image embeddings (numpy or torch), finite.
         budget: K, the number of samples to choose; 1 <= K <= N - len(exclude).
         method: a name from ``list_methods()``: ``random``, ``topk_loss``, ``coreset``, ``activeft``,
-            ``vecaf`` (ODS, Eq. 7, with the ensemble debiasing of Sec. 3.1 and optional CEA, Eq. 8-9).
+            ``entropy``, ``margin`` (uncertainty sampling), ``vecaf`` (ODS, Eq. 7, with the ensemble
+            debiasing of Sec. 3.1 and optional CEA, Eq. 8-9).
         losses: (N,) non-negative per-sample losses L_i under the current model (Eq. 3); required by
             ``vecaf`` and ``topk_loss``.
         text_embeddings: (N, Dt) caption embeddings; ``vecaf`` then augments the image embeddings with
             CEA before ODS (Sec. 3.2).
         exclude: indices chosen in earlier loops; none of them is returned.
         seed: the random seed; the same seed gives the same indices.
+        probs: (N, C) class probabilities of the current model (softmax of its logits); required by
+            ``entropy`` and ``margin``, ignored by the others.
         **options: strategy options (see the strategy class, e.g. ``vecaf.selection.VeCAF``).
 
     Returns:
@@ -141,6 +148,12 @@ def select(
     loss = None if losses is None else validation.check_losses(losses, n)
     if strategy_cls.requires_losses and loss is None:
         raise ValueError(f"method {method!r} needs losses: pass the (N,) per-sample losses under the current model")
+    if strategy_cls.requires_probs and probs is None:
+        raise ValueError(
+            f"method {method!r} needs probs: pass the (N, C) class probabilities of the current model "
+            "(softmax of its logits)"
+        )
+    extra = {"probs": validation.check_probs(probs, n)} if strategy_cls.requires_probs else {}
     text = None
     if text_embeddings is not None:
         text = validation.check_matrix(text_embeddings, "text_embeddings", n_rows=n)
@@ -155,5 +168,6 @@ def select(
         text_embeddings=text if strategy_cls.uses_text else None,
         exclude=excluded,
         seed=seed,
+        **extra,
     )
     return validation.check_result(indices, budget, n, excluded, method)

@@ -96,6 +96,36 @@ def check_losses(value: Any, n: int, *, name: str = "losses") -> torch.Tensor:
     return tensor
 
 
+def check_probs(value: Any, n: int, *, name: str = "probs") -> torch.Tensor:
+    """Class probabilities of the current model: a finite (N, C) matrix, C >= 2, rows in the simplex.
+
+    Every entry must be >= 0 and every row must sum to 1 within 1e-3 (softmax outputs in float16/32 do);
+    the result is a float64 CPU tensor.
+    """
+    if value is None:
+        raise ValueError(f"{name} is required, got None")
+    tensor = _to_tensor(value, name)
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, C) array of class probabilities, got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] != n:
+        raise ValueError(f"{name} has {tensor.shape[0]} rows but embeddings have {n}: one row per pool sample is needed")
+    if tensor.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 classes (columns), got {tensor.shape[1]}")
+    tensor = tensor.to(device="cpu", dtype=torch.float64)
+    _check_finite(tensor, name)
+    if (tensor < 0).any():
+        row = int((tensor < 0).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{name} must be non-negative (probabilities), got a negative entry in row {row}")
+    sums = tensor.sum(dim=1)
+    off = (sums - 1.0).abs() > 1e-3
+    if off.any():
+        row = int(off.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} rows must sum to 1 (softmax of the logits), row {row} sums to {float(sums[row]):.6g}"
+        )
+    return tensor
+
+
 def check_exclude(value: Any, n: int) -> np.ndarray:
     """Indices chosen in earlier loops: unique sorted int64 numpy array, each in [0, n)."""
     if value is None:

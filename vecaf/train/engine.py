@@ -755,7 +755,9 @@ class _Run:
         t0 = time.perf_counter()
         use_feats = self.mode == "head" or (loop == 0 and self.pool_features is not None)
         rows = _Rows(tensor=self.pool_features) if use_feats else self.pool_rows
-        res = self._pass(self.net, rows, self.train_labels, features=use_feats, want=("embeddings", "losses"))
+        needs_probs = _needs_probs(self.method)  # entropy / margin read the current model's probabilities
+        want = ("embeddings", "losses", "logits") if needs_probs else ("embeddings", "losses")
+        res = self._pass(self.net, rows, self.train_labels, features=use_feats, want=want)
         emb, losses = res["embeddings"], res["losses"].astype(np.float64)
         if not np.isfinite(losses).all():
             raise self._diverged(loop, f"the pool pass at the start of loop {loop + 1} gave NaN/inf losses")
@@ -772,6 +774,7 @@ class _Run:
             picks = _call_select(
                 emb, self.k, method=self.method, losses=np.maximum(sel_losses, 0.0), text_embeddings=text,
                 exclude=exclude, seed=_derive(self.seed, 3, loop), options=options,
+                **({"probs": torch.softmax(torch.from_numpy(res["logits"]).double(), dim=1).numpy()} if needs_probs else {}),
             )
         picks = np.asarray(ddp.broadcast_object(picks, self.ctx), dtype=np.int64)
         seconds["select"] = time.perf_counter() - t0
@@ -1041,12 +1044,21 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+def _needs_probs(method: str) -> bool:
+    """The selection method reads the current model's class probabilities (``entropy``, ``margin``)."""
+    from vecaf.selection import get_method
+
+    return get_method(method).requires_probs
+
+
 def _call_select(
     emb: np.ndarray, k: int, *, method: str, losses: np.ndarray, text_embeddings: np.ndarray | None,
-    exclude: np.ndarray | None, seed: int, options: dict[str, Any],
+    exclude: np.ndarray | None, seed: int, options: dict[str, Any], probs: np.ndarray | None = None,
 ) -> np.ndarray:
     from vecaf.selection import select
 
+    extra = {} if probs is None else {"probs": probs}
     return select(
-        emb, k, method=method, losses=losses, text_embeddings=text_embeddings, exclude=exclude, seed=seed, **options
+        emb, k, method=method, losses=losses, text_embeddings=text_embeddings, exclude=exclude, seed=seed,
+        **extra, **options,
     )
