@@ -9,7 +9,9 @@
    the pool and held-out datasets.
 3. For each loop l = 1..L:
    a. ``train-loop``: per-sample losses and embeddings under the current model, selection of K samples,
-      B/L training batches with CEA (Eq. 8-10), evaluation (checkpoint, loop record, picks on disk);
+      B/L training batches with CEA (Eq. 8-10), evaluation (checkpoint, picks, loop record stored in the bucket
+      under ``runs/<run key>/``, ``tasks.storage``; a loop already stored there is not trained again, so a
+      rerun of the same parameters on the same images resumes after the last stored loop);
    b. ``compute-losses``: L_i of the pool under the loop's model into Feast (``sample_losses``);
    c. ``mlflow-log-loop``: nested run with the loop's metrics, the subset as an ``mlflow.data`` dataset
       (context "training") and the picks Parquet (why each image was picked).
@@ -23,7 +25,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -43,6 +44,7 @@ from flows.runtime import flow_run_info, flow_run_url, runtime
 from tasks.data import check_splits, load_dataset_task, warn_smaller_than_asked
 from tasks.embeddings import feature_keys
 from tasks.features import feast_materialize_task
+from tasks.storage import run_key, run_uri
 from tasks.registry import register_model_task
 from tasks.tracking import (
     code_version,
@@ -137,6 +139,9 @@ def finetune(
     used = {k: checked[k] for k in ("pool_size_used", "test_size_used")}
     logged_params = {**params, "data": {**params["data"], **used}}
     tags.update({k: str(v) for k, v in used.items()})
+    key = run_key(params, pool["digest"], test["digest"])
+    state_uri = run_uri(rt, key)
+    tags.update({"run_key": key, "run_state_uri": state_uri})
     run = start_run_task(
         rt.tracking_uri, registry.experiment, run_name, logged_params, tags, config, pool["manifest"], test["manifest"],
         pool["skipped"] or None,
@@ -144,7 +149,7 @@ def finetune(
     run_id = run["run_id"]
     spec = TrainSpec(
         data=data, models=models, objective=objective, training=training, ood_prompt=prompt,
-        store_dir=rt.store_dir, run_dir=str(Path(rt.work_dir) / "runs" / run_id), pool_manifest=pool["manifest"],
+        store_dir=rt.store_dir, run_uri=state_uri, pool_manifest=pool["manifest"],
         test_manifest=test["manifest"], num_classes=pool["num_classes"], class_names=tuple(pool["class_names"]),
         allow_hub=rt.allow_hub,
     )  # fmt: skip
