@@ -206,7 +206,7 @@ def _stored_loop(spec: TrainSpec, loop: int) -> dict[str, Any] | None:
     if loop == spec.training.loops - 1:
         result_uri = join(spec.run_uri, "result.json")
         result = json.loads(get_file(result_uri).read_text())
-        out.update(model=join(spec.run_uri, "model"), result=result_uri, final_top1=float(result["top1"]))
+        out.update(model=join(spec.run_uri, "model"), result=result_uri, final_top1=float(result["final"]["top1"]))
     return out
 
 
