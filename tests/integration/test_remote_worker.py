@@ -154,6 +154,9 @@ def test_a_worker_in_another_network_namespace_runs_every_flow(netns, stack_sett
         )  # fmt: skip
         try:
             _worker_online(settings, worker_name)
+            # `ip netns exec` and `env -i` exec in place: the worker's process is in the other namespace.
+            assert os.readlink(f"/proc/{worker.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+            assert "PREFECT_API_URL" in (Path(f"/proc/{worker.pid}/environ").read_bytes().decode(errors="replace"))
             ids = deploy(settings, flows=("caption", "featurize", "finetune", "promote"))
             data = DATA.model_dump(mode="json")
             registry = REGISTRY.model_dump(mode="json")
