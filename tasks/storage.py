@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ def put_file(local: str | os.PathLike, uri: str) -> str:
     if cached.resolve() != local.resolve():
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(local.read_bytes())
+        shutil.copyfile(local, tmp)
         os.replace(tmp, cached)
     return uri
 
