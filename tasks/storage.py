@@ -185,7 +185,14 @@ def put_folder(local: str | os.PathLike, uri: str) -> str:
         raise FileNotFoundError(f"cannot store folder {local} at {uri}: no such folder, or it holds no file")
     for path in files:
         put_file(path, join(uri, path.relative_to(local).as_posix()))
+    _folder_marker(uri).touch()
     return uri
+
+
+def _folder_marker(uri: str) -> Path:
+    """The cache's note that the folder ``uri`` is complete there (beside it, never inside it)."""
+    folder = cache_path(uri)
+    return folder.with_name(f".{folder.name}.complete")
 
 
 def get_file(uri: str) -> Path:
@@ -221,9 +228,15 @@ def get_file(uri: str) -> Path:
 def get_folder(uri: str) -> Path:
     """The cached copy of every object under ``uri/``, downloading the missing ones; returns the folder.
 
+    A folder this cache uploaded or downloaded whole is marked so (a hidden file beside it) and then served
+    without asking the bucket.
+
     Raises:
         FileNotFoundError: nothing is stored under ``uri/``.
     """
+    marker = _folder_marker(uri)
+    if marker.is_file() and cache_path(uri).is_dir():
+        return cache_path(uri)
     bucket, key = split_uri(uri)
     prefix = key.rstrip("/") + "/"
     keys: list[str] = []
@@ -233,6 +246,8 @@ def get_folder(uri: str) -> Path:
         raise FileNotFoundError(f"nothing is stored under {uri}/")
     for k in keys:
         get_file(f"{S3_SCHEME}{bucket}/{k}")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     return cache_path(uri)
 
 
@@ -252,6 +267,8 @@ def local_copy(location: str | os.PathLike) -> str:
     location = str(location)
     if not is_uri(location):
         return location
+    if _folder_marker(location).is_file() and cache_path(location).is_dir():
+        return str(cache_path(location))
     try:
         return str(get_file(location))
     except FileNotFoundError:
