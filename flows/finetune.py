@@ -11,7 +11,9 @@
    configuration, the pool and held-out datasets.
 3. For each loop l = 1..L:
    a. ``train-loop``: per-sample losses and embeddings under the current model, selection of K samples,
-      B/L training batches with CEA (Eq. 8-10), evaluation (checkpoint, loop record, picks on disk);
+      B/L training batches with CEA (Eq. 8-10), evaluation (checkpoint, picks, loop record stored in the bucket
+      under ``runs/<run key>/``, ``tasks.storage``; a loop already stored there is not trained again, so a
+      rerun of the same parameters on the same images resumes after the last stored loop);
    b. ``compute-losses``: L_i of the pool under the loop's model into Feast (``sample_losses``);
    c. ``mlflow-log-loop``: nested run with the loop's metrics, the subset as an ``mlflow.data`` dataset
       (context "training") and the picks Parquet (why each image was picked).
@@ -25,7 +27,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -46,6 +47,7 @@ from tasks.data import check_splits, load_dataset_task, warn_smaller_than_asked
 from tasks.embeddings import feature_keys
 from tasks.features import feast_materialize_task
 from tasks.registry import register_model_task, resolve_init_task
+from tasks.storage import run_key, run_uri
 from tasks.tracking import (
     code_version,
     end_run,
@@ -140,9 +142,14 @@ def finetune(
     logged_params = {**params, "data": {**params["data"], **used}}
     tags.update({k: str(v) for k, v in used.items()})
     init = resolve_init_task(rt.tracking_uri, registry.model_name, training.init, training.mode, pool["class_names"],
-                             models, data, str(Path(rt.work_dir) / "champions"))  # fmt: skip
+                             models, data, str(Path(rt.cache_dir) / "champions"))  # fmt: skip
     tags.update({"training.init_used": init["used"], "training.init_reason": init["reason"][:5000],
                  "training.init_champion_version": str(init["version"])})  # fmt: skip
+    # The start is part of the key: a rerun after a new champion trains anew instead of resuming.
+    start = "base" if init["model_dir"] is None else f"champion:{init['model_id']}"
+    key = run_key(params, pool["digest"], test["digest"], start=start)
+    state_uri = run_uri(rt, key)
+    tags.update({"run_key": key, "run_state_uri": state_uri})
     run = start_run_task(
         rt.tracking_uri, registry.experiment, run_name, logged_params, tags, config, pool["manifest"], test["manifest"],
         pool["skipped"] or None,
@@ -150,9 +157,9 @@ def finetune(
     run_id = run["run_id"]
     spec = TrainSpec(
         data=data, models=models, objective=objective, training=training, ood_prompt=prompt,
-        store_dir=rt.store_dir, run_dir=str(Path(rt.work_dir) / "runs" / run_id), pool_manifest=pool["manifest"],
+        store_dir=rt.store_dir, run_uri=state_uri, pool_manifest=pool["manifest"],
         test_manifest=test["manifest"], num_classes=pool["num_classes"], class_names=tuple(pool["class_names"]),
-        allow_hub=rt.allow_hub, init_model=init["model_dir"],
+        allow_hub=rt.allow_hub, init_model=init["model_dir"], init_artifact_uri=init["artifact_uri"],
     )  # fmt: skip
     try:
         loops = []

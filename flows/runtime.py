@@ -26,7 +26,9 @@ class Runtime:
         settings: the settings it was built from.
         state_dir: the stack's state folder (absolute).
         store_dir: the Feast store folder.
-        work_dir: ``<state_dir>/work``: manifests, training checkpoints, picks, models before logging.
+        work_dir: ``<state_dir>/work``: this worker's scratch space.
+        cache_dir: ``<work_dir>/cache``: the local cache of run state kept in the bucket (``tasks.storage``);
+            it may vanish between tasks, anything in it is downloaded again when missing.
         tracking_uri: the MLflow tracking server.
         s3_endpoint: the S3 endpoint holding MLflow's artifacts (None: AWS).
         bucket: the S3 bucket.
@@ -41,6 +43,7 @@ class Runtime:
     state_dir: Path
     store_dir: str
     work_dir: str
+    cache_dir: str
     tracking_uri: str
     s3_endpoint: str | None
     bucket: str
@@ -82,6 +85,7 @@ def runtime(settings: Settings | None = None) -> Runtime:
         state_dir=root,
         store_dir=str(store),
         work_dir=str(root / "work"),
+        cache_dir=str(root / "work" / "cache"),
         tracking_uri=services.mlflow_tracking_uri,
         s3_endpoint=services.s3_endpoint_url,
         bucket=services.bucket,

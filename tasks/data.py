@@ -18,14 +18,16 @@ held out is held out under every copy of its bytes, so pool and held-out never s
 Checks before training (:func:`check_splits`): the pool and the held-out split share no content hash unless
 ``data.allow_overlap``, and every class has images on both sides once corrupt images are skipped.
 
-A pool's manifest is a Parquet file (image_id, label, class_name, split, content_hash) under
-``<state_dir>/work/manifests/``, named by its digest; tasks pass its path, never the images. Datasets and
+A pool's manifest is a Parquet file (image_id, label, class_name, split, content_hash) stored in the bucket at
+``s3://<bucket>/<prefix>manifests/<manifest digest>.parquet`` (:func:`manifest_digest`; ``tasks.storage``);
+tasks pass its URI, never the images, and read it through the worker's cache. Datasets and
 hashes are memoised per process, so the shard tasks of one flow run load a pool once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -55,7 +57,7 @@ class DatasetRef:
         num_classes: C.
         class_names: the C class names.
         digest: the dataset digest D (see the module docstring).
-        manifest: path of the manifest Parquet.
+        manifest: the manifest Parquet: its ``s3://`` URI once stored (a local path before).
         skipped: (path or id, reason) of each image left out because it could not be decoded.
     """
 
@@ -250,8 +252,18 @@ def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:
-    """The manifest table (image_id, label, class_name, split, content_hash)."""
-    return pq.read_table(str(path))
+    """The manifest table (image_id, label, class_name, split, content_hash) of a local path or an ``s3://``
+    URI (fetched into this worker's cache when missing, see ``tasks.storage``)."""
+    from tasks.storage import local_copy
+
+    return pq.read_table(local_copy(str(path)))
+
+
+def manifest_digest(dataset_digest_: str, split: str, class_names: list[str]) -> str:
+    """The manifest's content address: SHA-256 over the dataset digest D, the split name and the class names
+    (everything the manifest's rows are made of), so equal manifests share one object in the bucket."""
+    payload = json.dumps({"dataset_digest": dataset_digest_, "split": split, "class_names": list(class_names)})
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def describe_split(data: DataParams, split: str, work_dir: str | os.PathLike) -> DatasetRef:
@@ -375,16 +387,36 @@ def warn_smaller_than_asked(logger: Any, checked: dict[str, Any]) -> list[str]:
     return out
 
 
+def store_manifest(ref: DatasetRef) -> DatasetRef:
+    """Upload a split's manifest to its content address in the bucket (once); the ref then names that URI.
+
+    Returns:
+        ``ref`` with ``manifest`` = ``s3://<bucket>/<prefix>manifests/<manifest digest>.parquet``.
+    """
+    from dataclasses import replace
+
+    from flows.runtime import runtime
+    from tasks.storage import exists, manifest_uri, put_file
+
+    uri = manifest_uri(runtime(), manifest_digest(ref.digest, ref.split, ref.class_names))
+    if not exists(uri):
+        put_file(ref.manifest, uri)
+    return replace(ref, manifest=uri)
+
+
 @task(name="load-dataset", **LOCAL_TASK)
 def load_dataset_task(data: DataParams, split: str, work_dir: str) -> dict[str, Any]:
-    """Load a split, write its manifest, and report corrupt images that were skipped.
+    """Load a split, store its manifest in the bucket, and report corrupt images that were skipped.
+
+    ``work_dir`` is scratch space for the manifest before it is uploaded; the answer's ``manifest`` is the
+    manifest's ``s3://`` URI (content-addressed, see :func:`store_manifest`).
 
     Skipped images are logged and published as the Prefect table artifact ``skipped-images`` of the run.
 
     Returns:
         ``DatasetRef.to_dict()``.
     """
-    ref = describe_split(data, split, work_dir)
+    ref = store_manifest(describe_split(data, split, work_dir))
     logger = get_run_logger()
     logger.info(
         "%s/%s: %d images, %d classes, digest %s", ref.dataset, split, ref.size, ref.num_classes, ref.digest[:12]

@@ -570,7 +570,9 @@ def resolve_init(
 
     Returns:
         ``{"used": "champion" | "base", "reason", "version": champion version or None,
-        "model_dir": the downloaded champion folder when used, else None}``.
+        "model_dir": the downloaded champion folder when used, else None, "model_id" and "artifact_uri": the
+        champion's logged model and where its files are, when used (a task whose cache lost ``model_dir``
+        downloads it again from there)}``.
     """
     from pathlib import Path
 
@@ -580,13 +582,15 @@ def resolve_init(
     facts = dict(class_names=class_names, arch=arch, pvm=pvm, mode=mode, input_size=input_size)
     if init == "base":
         choice = choose_init(init, None, **facts)
-        return {"used": choice.used, "reason": choice.reason, "version": None, "model_dir": None}
+        return {"used": choice.used, "reason": choice.reason, "version": None, "model_dir": None,
+                "model_id": None, "artifact_uri": None}  # fmt: skip
     champion = read_aliases(tracking_uri, name)[CHAMPION]  # a model never registered: no champion
     if champion is None or champion["format_error"] is not None:
         error = None if champion is None else champion["format_error"]
         version = None if champion is None else champion["version"]
         choice = choose_init(init, None, champion_error=error, champion_version=version, **facts)
-        return {"used": choice.used, "reason": choice.reason, "version": version, "model_dir": None}
+        return {"used": choice.used, "reason": choice.reason, "version": version, "model_dir": None,
+                "model_id": None, "artifact_uri": None}  # fmt: skip
     import mlflow.artifacts
 
     from tasks.tracking import check_stored_model
@@ -612,6 +616,8 @@ def resolve_init(
     return {
         "used": choice.used, "reason": choice.reason, "version": champion["version"],
         "model_dir": str(folder) if choice.warm else None,
+        "model_id": champion["model_id"] if choice.warm else None,
+        "artifact_uri": stored["artifact_uri"] if choice.warm else None,
     }  # fmt: skip
 
 

@@ -274,7 +274,9 @@ def _pandas_dataset(df: Any, *, source: str, name: str) -> Any:
 def _dataset_from_manifest(manifest: str, name: str) -> Any:
     import pandas as pd
 
-    df = pd.read_parquet(manifest, columns=["image_id", "label", "class_name", "content_hash"])
+    from tasks.storage import local_copy
+
+    df = pd.read_parquet(local_copy(manifest), columns=["image_id", "label", "class_name", "content_hash"])
     return _pandas_dataset(df, source=manifest, name=name)
 
 
@@ -374,6 +376,9 @@ def log_loop(
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag, Param, RunStatus
 
+    from tasks.storage import local_copy
+
+    record_path, picks_path = local_copy(record_path), local_copy(picks_path)  # s3:// run state: via the cache
     record = json.loads(Path(record_path).read_text())
     loop = int(record["loop"]) - 1
     ts = int(Path(record_path).stat().st_mtime * 1000)
@@ -530,6 +535,10 @@ def log_model(
 
     from vecaf.models.classifier import CONFIG_FILE, WEIGHTS_FILE
 
+    from tasks.storage import local_copy
+
+    model_dir = local_copy(model_dir)  # s3:// run state: via the cache
+    result_path = local_copy(result_path) if result_path else None
     config = _model_dir_config(model_dir)
     ts = int(time.time() * 1000)
     with talking_to(MLFLOW_SERVER, tracking_uri):

@@ -14,11 +14,18 @@ embeddings are the features (``read_embeddings``); the caption embeddings t_i fe
 (``read_text_embeddings``). In ``full`` mode the images are reloaded and the stored embeddings replace the
 engine's first pool pass.
 
-Outputs are files under ``<work_dir>/runs/<run id>/`` (never Prefect results): ``checkpoints/loop-<l>.pt``,
-``loop-<l>.json`` (the loop record, its evaluations and its per-batch training loss), ``picks-loop-<l>.parquet``
-(image id, label, loss, centroid, caption), and after the last loop ``model/`` (the whole network:
-backbone + trained head, so it classifies images, as ``vecaf.models.classifier`` stores it without pickle:
-``config.json`` + ``model.safetensors``) and ``result.json``.
+Outputs are objects under the run's prefix in the bucket, ``s3://<bucket>/<prefix>runs/<run key>/`` (see
+``tasks.storage``; never Prefect results, never a worker's local path): ``checkpoints/loop-<l>.pt``,
+``picks-loop-<l>.parquet`` (image id, label, loss, centroid, caption), after the last loop ``model/`` (the
+whole network: backbone + trained head, so it classifies images, as ``vecaf.models.classifier`` stores it
+without pickle: ``config.json`` + ``model.safetensors``) and ``result.json``, and last ``loop-<l>.json`` (the
+loop record, its evaluations and its per-batch training loss), whose presence marks loop l as complete. The
+tasks answer with these URIs; a task that needs a file fetches it into its worker's cache when missing (a
+loop resuming from loop l-1 downloads that checkpoint), so any worker may run any loop.
+
+Resume: ``train-loop`` for loop l first looks for loop l's record in the bucket. When it is there (a rerun
+with the same run key, or a retry after the upload finished), the loop is not trained again: the task logs
+``loop l/L: stored in <uri>, not retrained`` and answers with the stored files (``"resumed": True``).
 
 ``compute-losses`` writes L_i of every pool image under the model at the end of loop l to the Feast
 ``sample_losses`` view (model version = the MLflow run id, loop = l), the losses the next loop selects with.
@@ -58,12 +65,14 @@ class TrainSpec:
         data, models, objective, training: the flow parameters.
         ood_prompt: the caption suffix (selects which text embeddings feed CEA).
         store_dir: the Feast store.
-        run_dir: this run's folder (checkpoints, loop records, picks, model).
+        run_uri: this run's state in the bucket, ``s3://<bucket>/<prefix>runs/<run key>`` (checkpoints, loop
+            records, picks, model; see ``tasks.storage.run_key``).
         pool_manifest, test_manifest: the manifests of the pool and the held-out split.
         num_classes: C.
         class_names: the C class names.
         allow_hub: allow hub downloads for named models.
         init_model: the champion's downloaded folder (config.json + weights) when the run warm-starts from it
+        init_artifact_uri: where the champion's files are in MLflow (fetched again when the cache lost them)
             (``training.init``, ``tasks.registry.resolve_init``); None: the base PVM.
     """
 
@@ -73,13 +82,14 @@ class TrainSpec:
     training: TrainingParams
     ood_prompt: str | None
     store_dir: str
-    run_dir: str
+    run_uri: str
     pool_manifest: str
     test_manifest: str
     num_classes: int
     class_names: tuple[str, ...]
     allow_hub: bool = False
     init_model: str | None = None
+    init_artifact_uri: str | None = None
 
 
 def make_objective(objective: ObjectiveParams) -> Any:
@@ -163,8 +173,46 @@ def engine_inputs(spec: TrainSpec) -> dict[str, Any]:
     return out
 
 
+def _run_dir(spec: TrainSpec) -> Path:
+    """The cached copy of the run's prefix on this worker."""
+    from tasks.storage import cache_path
+
+    return cache_path(spec.run_uri)
+
+
 def _checkpoint_dir(spec: TrainSpec) -> Path:
-    return Path(spec.run_dir) / "checkpoints"
+    return _run_dir(spec) / "checkpoints"
+
+
+def _checkpoint_uri(spec: TrainSpec, loop: int) -> str:
+    """The URI of the checkpoint written at the end of ``loop`` (0-based)."""
+    from tasks.storage import join
+
+    return join(spec.run_uri, "checkpoints", f"loop-{loop + 1}.pt")
+
+
+def _stored_loop(spec: TrainSpec, loop: int) -> dict[str, Any] | None:
+    """The answer of :func:`train_loop` for a loop whose files are already in the bucket, else None."""
+    from tasks.storage import exists, get_file, join
+
+    record_uri = join(spec.run_uri, f"loop-{loop + 1}.json")
+    if not exists(record_uri):
+        return None
+    record = json.loads(get_file(record_uri).read_text())
+    out = {
+        **{k: record[k] for k in ("loop", "top1", "test_loss", "train_loss", "budget", "batches", "end_batches")},
+        "record": record_uri,
+        "picks": join(spec.run_uri, f"picks-loop-{loop + 1}.parquet"),
+        "checkpoint": _checkpoint_uri(spec, loop),
+        "model": None,
+        "result": None,
+        "resumed": True,
+    }
+    if loop == spec.training.loops - 1:
+        result_uri = join(spec.run_uri, "result.json")
+        result = json.loads(get_file(result_uri).read_text())
+        out.update(model=join(spec.run_uri, "model"), result=result_uri, final_top1=float(result["final"]["top1"]))
+    return out
 
 
 def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, callbacks: Any) -> Any:
@@ -213,8 +261,21 @@ def _start_model(spec: TrainSpec, inputs: dict[str, Any]) -> tuple[Any, dict[str
     """
     if spec.init_model is None:
         return inputs["pvm"], {"train_features": inputs["train_features"]}
-    from vecaf.models.classifier import load_classifier
+    from vecaf.models.classifier import CONFIG_FILE, WEIGHTS_FILE, load_classifier
 
+    folder = Path(spec.init_model)
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / f).is_file()]
+    if missing and spec.init_artifact_uri:  # the worker's cache lost the champion: fetch it again
+        import mlflow.artifacts
+
+        from flows.runtime import runtime
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{spec.init_artifact_uri.rstrip('/')}/{name}", dst_path=str(folder),
+                tracking_uri=runtime().tracking_uri,
+            )  # fmt: skip
     model, _ = load_classifier(spec.init_model)
     start = {"transform": inputs["pvm"].transform(image_size=spec.data.image_size)}
     start["train_features"] = inputs["train_features"] if spec.training.mode == "head" else None
@@ -249,25 +310,35 @@ def _captions_of(spec: TrainSpec, ids: list[str]) -> list[str | None]:
 
 
 def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
-    """Run loop ``loop`` (0-based) of the engine from loop ``loop - 1``'s checkpoint and write its files.
+    """Run loop ``loop`` (0-based) of the engine from loop ``loop - 1``'s checkpoint and store its files.
+
+    A loop already stored under the run's prefix is not trained again (see the module docstring).
 
     Returns:
         ``{"loop" (1-based), "top1", "test_loss", "train_loss", "budget", "batches", "end_batches", "record",
-        "picks", "checkpoint", "model", "result"}`` (``model``/``result`` paths, and ``final_top1``, only
-        after the last loop). The record's evaluations count loops from 1 (0: before training).
+        "picks", "checkpoint", "model", "result", "resumed"}`` (``s3://`` URIs; ``model``/``result``, and
+        ``final_top1``, only after the last loop). The record's evaluations count loops from 1 (0: before
+        training).
     """
+    from tasks.storage import get_file, join, put_file, put_folder
     from vecaf.train.checkpoint import checkpoint_path, load_checkpoint
 
     t = spec.training
     if not 0 <= loop < t.loops:
         raise ValueError(f"loop must be in 0..{t.loops - 1}, got {loop}")
-    run_dir = Path(spec.run_dir)
+    stored = _stored_loop(spec, loop)
+    if stored is not None:
+        return stored
+    run_dir = _run_dir(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume: Any = False
     if loop > 0:
-        resume = checkpoint_path(_checkpoint_dir(spec), loop - 1)
-        if not Path(resume).is_file():
-            raise FileNotFoundError(f"loop {loop + 1} needs loop {loop}'s checkpoint {resume}; run the loops in order")
+        try:
+            resume = get_file(_checkpoint_uri(spec, loop - 1))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"loop {loop + 1} needs loop {loop}'s checkpoint: {exc}; run the loops in order"
+            ) from exc
     last = loop == t.loops - 1
 
     def on_loop_end(record: Any) -> None:
@@ -311,7 +382,6 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
         "notes": list(state.get("notes", [])),
     }
     record_path = run_dir / f"loop-{loop + 1}.json"
-    _write_json(record_path, record)
     picks_path = run_dir / f"picks-loop-{loop + 1}.parquet"
     ids = inputs["pool_ids"]
     labels = inputs["pool_labels"]
@@ -334,11 +404,12 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
     pq.write_table(table, str(picks_path))
     out = {
         **{k: record[k] for k in ("loop", "top1", "test_loss", "train_loss", "budget", "batches", "end_batches")},
-        "record": str(record_path),
-        "picks": str(picks_path),
-        "checkpoint": str(ckpt),
+        "record": join(spec.run_uri, record_path.name),
+        "picks": put_file(picks_path, join(spec.run_uri, picks_path.name)),
+        "checkpoint": put_file(ckpt, _checkpoint_uri(spec, loop)),
         "model": None,
         "result": None,
+        "resumed": False,
     }
     if last:
         if result is None or result.model is None:
@@ -354,7 +425,13 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
         save_classifier(network, config, model_path)
         result_path = run_dir / "result.json"
         _write_json(result_path, result.to_dict())
-        out.update(model=str(model_path), result=str(result_path), final_top1=float(result.top1))
+        out.update(
+            model=put_folder(model_path, join(spec.run_uri, "model")),
+            result=put_file(result_path, join(spec.run_uri, "result.json")),
+            final_top1=float(result.top1),
+        )
+    _write_json(record_path, record)
+    put_file(record_path, out["record"])  # last: its presence marks the loop complete
     return out
 
 
@@ -405,9 +482,11 @@ def compute_losses(spec: TrainSpec, loop: int, model_version: str) -> dict[str, 
     import torch
 
     from tasks.features import write_sample_losses
-    from vecaf.train.checkpoint import checkpoint_path, load_checkpoint
+    from vecaf.train.checkpoint import load_checkpoint
 
-    state = load_checkpoint(checkpoint_path(_checkpoint_dir(spec), loop))
+    from tasks.storage import get_file
+
+    state = load_checkpoint(get_file(_checkpoint_uri(spec, loop)))
     inputs = engine_inputs(spec)
     logits = _network_logits(spec, state, inputs)
     loss_fn = make_objective(spec.objective)
@@ -465,7 +544,10 @@ def evaluate_model(
 def train_loop_task(spec: TrainSpec, loop: int) -> dict[str, Any]:
     """Prefect task around :func:`train_loop` (select + train one loop + evaluate; files, no big result)."""
     out = train_loop(spec, loop)
-    get_run_logger().info(
+    logger = get_run_logger()
+    if out["resumed"]:
+        logger.info("loop %d/%d: stored in %s, not retrained", loop + 1, spec.training.loops, out["record"])
+    logger.info(
         "loop %d/%d: %d selected, %d batches, test top-1 %.4f", loop + 1, spec.training.loops, out["budget"],
         out["batches"], out["top1"],
     )  # fmt: skip

@@ -182,7 +182,10 @@ def test_feast_serves_online_features_for_selected_ids(pipeline):
 
     rt = runtime(pipeline.settings)
     run_id = pipeline.mlflow_run.info.run_id
-    picks = pd.read_parquet(Path(rt.work_dir) / "runs" / run_id / "picks-loop-1.parquet")
+    from tasks.storage import join, local_copy
+
+    state_uri = pipeline.mlflow_run.data.tags["run_state_uri"]  # run state lives in the bucket, not on a disk
+    picks = pd.read_parquet(local_copy(join(state_uri, "picks-loop-1.parquet")))
     ids = picks["image_id"].tolist()[:5]
     features = ["image_embeddings:embedding", "image_embeddings:label", "captions:caption", "sample_losses:loss",
                 "sample_losses:model_version"]  # fmt: skip

@@ -82,7 +82,7 @@ def test_unreachable_s3_fails_before_registration(env, monkeypatch, tmp_path, st
     import flows.finetune as finetune_flow
     from flows.caption import caption
     from flows.featurize import featurize
-    from infra.stack import read_record, running_stack, stack_urls
+    from infra.stack import read_record, running_stack, stack_env, stack_urls
     from tasks.tracking import mlflow_client
 
     caption(data=DATA)
@@ -94,6 +94,9 @@ def test_unreachable_s3_fails_before_registration(env, monkeypatch, tmp_path, st
         monkeypatch.setenv("MLFLOW_TRACKING_URI", urls["mlflow_url"])  # the client variable wins over the port
         monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", urls["s3_endpoint_url"])
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", urls["s3_endpoint_url"])
+        for key, value in stack_env(own).items():  # run state goes to that S3 too (tasks.storage): its keys
+            if key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                monkeypatch.setenv(key, value)
         log_model_task = finetune_flow.log_model_task
 
         def kill_s3_then_log(*args, **kwargs):
