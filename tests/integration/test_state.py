@@ -22,7 +22,8 @@ from flows.params import DataParams, RegistryParams, TrainingParams
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DATA = DataParams(dataset="digits", pool_size=200, test_size=100, image_size=32, shard_size=200)
-TRAINING = TrainingParams(ratio=0.05, loops=2, batch_budget=8, batch_size=8, lr=0.05, init="base")  # a rerun resumes only from the same start
+# init="base": a rerun resumes only from the same start, and the first run becomes the champion
+TRAINING = TrainingParams(ratio=0.05, loops=2, batch_budget=8, batch_size=8, lr=0.05, init="base")
 REGISTRY = RegistryParams(experiment="vecaf-test-state", model_name="vecaf-test-state")
 
 

@@ -30,6 +30,8 @@ def test_the_run_key_follows_training_parameters_and_splits_not_the_registry():
     assert run_key(_params(seed=12345), "pool", "test") != base
     assert run_key(_params(), "pool2", "test") != base
     assert run_key(_params(), "pool", "test2") != base
+    assert run_key(_params(), "pool", "test", start="champion:m-1") != base  # a warm start is another run
+    assert run_key(_params(), "pool", "test", start="base") == base
 
 
 def test_locations_in_the_bucket_and_in_the_cache(tmp_path):
