@@ -228,11 +228,11 @@ def test_process_work_pool_exists_hardened_and_the_worker_polls_it(stack) -> Non
         pool = client.read_work_pool(stack.work_pool)
         workers = client.read_workers_for_work_pool(stack.work_pool)
     assert pool.type == "process"
-    assert "command" in pool.base_job_template["job_configuration"]
     # created by `up` with the project's template: a flow run cannot replace the worker's command
     assert "command" not in pool.base_job_template["variables"]["properties"]
-    online = [w for w in workers if w.status.value == "ONLINE"]
-    assert [w.name for w in online] == [worker_name(stack.settings)]
+    assert pool.base_job_template["variables"]["additionalProperties"] is False
+    online = [w for w in workers if w.status.value == "ONLINE" and w.name == worker_name(stack.settings)]
+    assert online, [(w.name, w.status.value) for w in workers]  # other tests add (and stop) workers of their own
     record = read_record(stack.settings, "worker")
     assert online[0].last_heartbeat_time.timestamp() >= record.create_time - 2.0
     assert _alive(record.pid)
@@ -461,7 +461,7 @@ def test_prefect_api_refuses_unauthenticated_calls_and_writes_without_csrf(stack
     authed = _basic(stack.prefect_auth_string)
     assert _request(f"{api}/work_pools/{pool}/workers/filter", method="POST", body={}, headers=authed) == 403
     code, workers = prefect_request(services_of(stack.settings), f"/work_pools/{pool}/workers/filter", method="POST", body={})
-    assert code == 200 and [w["name"] for w in workers] == [worker_name(stack.settings)]
+    assert code == 200 and worker_name(stack.settings) in [w["name"] for w in workers]  # other tests add workers
 
 
 @pytest.mark.slow
