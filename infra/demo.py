@@ -176,8 +176,12 @@ def collect_summary(settings: Settings, flow_run: Any) -> dict[str, Any]:
         "flow_run_state": flow_run.state.name if flow_run.state else None,
         "run_id": run_id,
         "mlflow_run_url": mlflow_run_url(urls["mlflow_url"], run.info.experiment_id, run_id),
-        "mlflow_figures_url": mlflow_ui_url(urls["mlflow_url"], f"experiments/{run.info.experiment_id}/runs/{run_id}/artifacts"),
-        "mlflow_model_url": mlflow_logged_model_url(urls["mlflow_url"], run.info.experiment_id, model_id) if model_id else None,
+        "mlflow_figures_url": mlflow_ui_url(
+            urls["mlflow_url"], f"experiments/{run.info.experiment_id}/runs/{run_id}/artifacts"
+        ),
+        "mlflow_model_url": (
+            mlflow_logged_model_url(urls["mlflow_url"], run.info.experiment_id, model_id) if model_id else None
+        ),
         "mlflow_version_url": mlflow_model_version_url(urls["mlflow_url"], name, version) if name and version else None,
         "flow_run_summary_url": flow_run_url(urls["prefect_ui_url"], str(flow_run.id)) + "?tab=Artifacts",
         "loops": loops,

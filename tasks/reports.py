@@ -246,7 +246,8 @@ def publish_run_report(
             client.set_tag(run_id, "mlflow_model_version_url", urls["version_url"])
             client.update_model_version(model_name, version, description=card)
             if "test_top1" in report["final"]:
-                client.set_model_version_tag(model_name, version, "final_test_top1", f"{report['final']['test_top1']:.6f}")
+                top1 = f"{report['final']['test_top1']:.6f}"
+                client.set_model_version_tag(model_name, version, "final_test_top1", top1)
     return {
         "figures": sorted(made),
         "model_card": card,
@@ -302,7 +303,8 @@ def pipeline_summary_markdown(report: dict[str, Any], decision: dict[str, Any] |
         lines.append(f"**{outcome}**: {decision.get('reason', '')}")
         if decision.get("champion_after") is not None:
             lines.append(f"- champion after the decision: version {decision['champion_after']}")
-    lines += ["", "## Held-out accuracy", f"![accuracy]({artifact_download_url(tracking_uri, run_id, 'figures/accuracy.png')})"]
+    figure = artifact_download_url(tracking_uri, run_id, "figures/accuracy.png")
+    lines += ["", "## Held-out accuracy", f"![accuracy]({figure})"]
     return "\n".join(lines)
 
 

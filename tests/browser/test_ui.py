@@ -121,19 +121,41 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=False)
 
 
-def prefect_login(page: Any, run: SimpleNamespace, url: str) -> None:
-    """Open ``url``; on Prefect's login page type the auth string like a user and press Login."""
-    page.goto(url)
-    password = page.locator("input[type=password]")
+def see(page: Any, locator: Any, name: str) -> Any:
+    """Wait until ``locator`` is visible; on a timeout keep a screenshot and fail with what the page shows."""
     try:
-        password.wait_for(state="visible", timeout=15_000)
+        locator.first.wait_for()
     except playwright_api.TimeoutError:
-        return  # no login asked (a stack without auth)
-    password.fill(run.stack.prefect_auth_string)
-    page.get_by_role("button", name="Login").click()
-    page.wait_for_url(lambda u: "/login" not in u)
+        shot(page, f"failed-{name}")
+        text = page.locator("body").inner_text()[:1500]
+        pytest.fail(f"{name}: not visible at {page.url} within {TIMEOUT_MS / 1000:.0f} s; the page shows: {text!r}")
+    return locator.first
+
+
+def prefect_login(page: Any, run: SimpleNamespace, url: str) -> None:
+    """Log in on Prefect's login page by typing the auth string like a user (a retry if the app was still
+    redirecting), then open ``url``."""
+    for _ in range(3):
+        page.goto(f"{run.prefect_ui}/login")
+        password = page.locator("input[type=password]")
+        try:
+            password.wait_for(state="visible", timeout=15_000)
+        except playwright_api.TimeoutError:
+            break  # no login page: a stack without auth
+        page.wait_for_load_state("networkidle")
+        password.fill(run.stack.prefect_auth_string)
+        page.get_by_role("button", name="Login").click()
+        try:
+            page.wait_for_url(lambda u: "/login" not in u, timeout=15_000)
+            break
+        except playwright_api.TimeoutError:
+            continue
+    else:
+        shot(page, "failed-prefect-login")
+        pytest.fail(f"could not log in to the Prefect UI at {run.prefect_ui}")
     page.wait_for_load_state("networkidle")
     page.goto(url)
+
 
 def test_mlflow_opens_in_the_model_training_view_with_the_registry(run, page):
     assert "workflowType=machine_learning" in run.run_url
@@ -149,7 +171,7 @@ def test_mlflow_opens_in_the_model_training_view_with_the_registry(run, page):
 def test_logged_model_page_shows_the_final_top1(run, page):
     value = run.final_top1
     page.goto(run.model_url)
-    page.get_by_text("test_top1").first.wait_for()
+    see(page, page.get_by_text("test_top1"), "mlflow-logged-model")
     shot(page, "mlflow-logged-model")
     text = page.locator("body").inner_text()
     shown = [f"{value:.4f}".rstrip("0"), f"{value:.3f}", str(round(value, 4)), str(value)]
@@ -161,19 +183,32 @@ def test_run_artifacts_hold_the_figures(run, page):
     page.get_by_text("figures", exact=True).first.click()
     page.get_by_text("accuracy.png").first.wait_for()
     page.get_by_text("accuracy.png").first.click()
-    page.locator("img[src*='accuracy.png']").first.wait_for()
+    try:
+        page.wait_for_function("() => [...document.images].some(i => i.complete && i.naturalWidth >= 300)")
+    except playwright_api.TimeoutError:
+        shot(page, "failed-mlflow-figures")
+        pytest.fail(f"no figure rendered at {page.url}")
     shot(page, "mlflow-figures")
     paths = {a.path for a in run.client.list_artifacts(run.mlflow_run.info.run_id, "figures")}
     assert "figures/accuracy.png" in paths and "figures/class-histogram.png" in paths
 
 
 def test_pipeline_run_carries_the_summary_artifact(run, page):
-    prefect_login(page, run, f"{run.flow_run_url}?tab=Artifacts")
-    page.get_by_text("vecaf-pipeline-summary").first.wait_for()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.flow_run.id]))
+        )
+    keys = {a.key for a in arts}
+    assert {"vecaf-pipeline-summary", "mlflow-run", "pipeline-progress"} <= keys, keys
+    prefect_login(page, run, run.flow_run_url)
+    see(page, page.get_by_text("Artifacts", exact=True), "prefect-artifacts-tab").click()
+    see(page, page.get_by_text("vecaf-pipeline-summary"), "prefect-run-artifacts")
     shot(page, "prefect-run-artifacts")
-    page.get_by_text("vecaf-pipeline-summary").first.click()
-    page.get_by_text("Final held-out top-1").first.wait_for()
-    page.get_by_text("Where to look").first.wait_for()
+    page.goto(f"{run.prefect_ui}/artifacts/key/vecaf-pipeline-summary")
+    see(page, page.get_by_text("Final held-out top-1"), "prefect-summary")
     shot(page, "prefect-summary")
     text = page.locator("body").inner_text()
     assert f"{run.final_top1:.4f}" in text
@@ -183,7 +218,7 @@ def test_pipeline_run_carries_the_summary_artifact(run, page):
 def test_custom_run_form_has_titled_fields(run, page):
     dep_id = run.ids["vecaf-pipeline/experiment"]
     prefect_login(page, run, f"{run.prefect_ui}/deployments/deployment/{dep_id}/run")
-    page.get_by_text("Learning rate").first.wait_for()
+    see(page, page.get_by_text("Learning rate"), "prefect-custom-run")
     shot(page, "prefect-custom-run")
     text = page.locator("body").inner_text()
     for title in ("Learning rate", "Loops (L)", "Registered model name", "Promote after finetuning"):
