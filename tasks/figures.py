@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def accuracy_figure(curve: Sequence[tuple[int, float]], loop_ends: Sequence[int]
         ax.axvline(int(end), color="grey", linestyle="--", linewidth=0.8)
         ax.text(int(end), 0.02, f" loop {i + 1}", rotation=90, va="bottom", ha="right", fontsize=8, color="grey",
                 transform=ax.get_xaxis_transform())  # fmt: skip
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("training batches")
     ax.set_ylabel("held-out top-1")
     ax.set_ylim(0.0, 1.0)
