@@ -9,12 +9,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install data stop clean lock
+.PHONY: demo test install data browser stop clean lock
 
 demo: install data
 	$(BIN)/vecaf demo
 
-test: install data
+test: install data browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -37,6 +37,17 @@ data:
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)); \
 	else \
 	  echo "Fashion-MNIST is not at $(FASHION_MNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist' or 'vecaf data fetch'"; \
+	fi
+
+# The browser tests (tests/browser) drive Debian's Chromium with Playwright; without root they skip and say why.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium (browser tests)"; \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)); \
+	else \
+	  echo "Chromium is not at $(CHROMIUM): run 'sudo apt-get install chromium' for the browser tests"; \
 	fi
 
 stop:

@@ -5,6 +5,9 @@ machine runs the code in place; or a git URL at ``deploy.branch``; or an ``s3://
 
 - ``vecaf-pipeline/recurring-finetune``: caption -> featurize -> finetune -> promote on cron ``0 3 * * *``
   (UTC), with the pipeline's default parameters or those given;
+- ``vecaf-pipeline/experiment``: the same pipeline for one-off runs (the UI's "Custom run"), no schedule;
+  its defaults register into the sandbox model ``vecaf-sandbox`` in experiment ``vecaf-experiments`` with
+  promotion off, so a trial never becomes the production model's "latest version" or ``@challenger``;
 - ``promote/on-demand``: promotion alone, no schedule;
 - ``caption/on-demand``, ``featurize/on-demand``, ``finetune/on-demand``: each step alone, no schedule;
 - ``caption-shard/on-demand``, ``embed-shard/on-demand``: one shard of captions / embeddings, the unit a
@@ -40,6 +43,10 @@ from vecaf.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_DEPLOYMENT = "recurring-finetune"
+EXPERIMENT_DEPLOYMENT = "experiment"
+"""The pipeline for one-off runs from the UI: sandbox model name and experiment, promotion off by default."""
+SANDBOX_MODEL = "vecaf-sandbox"
+SANDBOX_EXPERIMENT = "vecaf-experiments"
 ON_DEMAND = "on-demand"
 DEFAULT_CRON = "0 3 * * *"
 GPU_TAG = "gpu"
@@ -57,6 +64,35 @@ _ENTRYPOINTS = {
     "caption-shard": "flows/caption.py:caption_shard_flow",
     "embed-shard": "flows/featurize.py:embed_shard_flow",
 }
+
+
+DEPLOYMENT_DESCRIPTIONS = {
+    f"vecaf-pipeline/{PIPELINE_DEPLOYMENT}": (
+        "Production: caption, featurize, finetune, then promote by held-out accuracy, on a schedule. Registers "
+        "into the production model; use vecaf-pipeline/experiment for one-off runs."
+    ),
+    f"vecaf-pipeline/{EXPERIMENT_DEPLOYMENT}": (
+        f"One-off experiment: the whole pipeline, registering into the sandbox model {SANDBOX_MODEL!r} "
+        f"(experiment {SANDBOX_EXPERIMENT!r}) with promotion off by default: production aliases never move."
+    ),
+    "promote/on-demand": "Promotion alone: the @challenger version against @champion on the held-out split.",
+    "caption/on-demand": "Captions of a pool (one step of the pipeline).",
+    "featurize/on-demand": "Embeddings of a pool and its captions into Feast (one step of the pipeline).",
+    "finetune/on-demand": "The VeCAF loops alone, tracked in MLflow; registers @challenger (one step).",
+    "caption-shard/on-demand": "Internal: one shard of captions (fan-out unit of caption).",
+    "embed-shard/on-demand": "Internal: one shard of embeddings (fan-out unit of featurize).",
+}
+
+
+def experiment_parameters(pipeline_parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The experiment deployment's defaults: the pipeline's, with the sandbox registry and promotion off."""
+    from flows.params import PipelineParams, RegistryParams
+
+    params = dict(pipeline_parameters or PipelineParams().flow_parameters())
+    registry = {**dict(params.get("registry") or RegistryParams().model_dump(mode="json"))}
+    registry.update(model_name=SANDBOX_MODEL, experiment=SANDBOX_EXPERIMENT, promote=False)
+    params["registry"] = registry
+    return params
 
 
 class WorkPoolError(ValueError):
@@ -301,31 +337,33 @@ def deploy(
         for name in flows:
             role = pool_role(settings, name)
             flow = Flow.from_source(source=flow_source(settings), entrypoint=_ENTRYPOINTS[name])
-            options: dict[str, Any] = {}
-            if job_variables[role]:
-                options["job_variables"] = job_variables[role]
+            base: dict[str, Any] = {"job_variables": job_variables[role]} if job_variables[role] else {}
+            variants: list[tuple[str, dict[str, Any]]] = []
             if name == "vecaf-pipeline":
-                deployment = PIPELINE_DEPLOYMENT
-                options["schedules"] = [Cron(cron, timezone=timezone)]
-                options["paused"] = paused
+                scheduled: dict[str, Any] = {"schedules": [Cron(cron, timezone=timezone)], "paused": paused}
                 if pipeline_parameters is not None:
-                    options["parameters"] = dict(pipeline_parameters)
+                    scheduled["parameters"] = dict(pipeline_parameters)
+                variants.append((PIPELINE_DEPLOYMENT, scheduled))
+                variants.append((EXPERIMENT_DEPLOYMENT, {"parameters": experiment_parameters(pipeline_parameters)}))
             else:
-                deployment = ON_DEMAND
-            with contextlib.redirect_stdout(io.StringIO()):
-                dep_id = flow.deploy(
-                    name=deployment,
-                    work_pool_name=pools[role],
-                    build=False,
-                    push=False,
-                    print_next_steps=False,
-                    ignore_warnings=True,
-                    tags=["vecaf"],
-                    enforce_parameter_schema=True,
-                    **options,
-                )
-            close_deployment_parameters(dep_id)
-            out[f"{name}/{deployment}"] = str(dep_id)
+                variants.append((ON_DEMAND, {}))
+            for deployment, options in variants:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    dep_id = flow.deploy(
+                        name=deployment,
+                        work_pool_name=pools[role],
+                        build=False,
+                        push=False,
+                        print_next_steps=False,
+                        ignore_warnings=True,
+                        tags=["vecaf"],
+                        enforce_parameter_schema=True,
+                        description=DEPLOYMENT_DESCRIPTIONS.get(f"{name}/{deployment}"),
+                        **base,
+                        **options,
+                    )
+                close_deployment_parameters(dep_id)
+                out[f"{name}/{deployment}"] = str(dep_id)
     return out
 
 

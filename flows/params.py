@@ -45,7 +45,12 @@ MAX_FREE_STRING_LENGTH = 1000
 
 OodPrompt = Annotated[
     str | None,
-    Field(max_length=MAX_PROMPT_LENGTH, description="Caption suffix steering selection (Sec. 3.3)."),
+    Field(
+        max_length=MAX_PROMPT_LENGTH,
+        title="OOD caption prompt",
+        examples=["a photo of clothing"],
+        description="Caption suffix steering selection (Sec. 3.3).",
+    ),
 ]
 """Type of a flow's ``ood_prompt`` parameter: the bound reaches the deployment's schema, so the server refuses
 a longer prompt before a run exists."""
@@ -61,38 +66,71 @@ class _Params(BaseModel):
 class DataParams(_Params):
     """The labeled image pool, its held-out split, and the PVM input size."""
 
-    dataset: DatasetName = Field("fashion-mnist", description="Image pool (vecaf.data.list_datasets()).")
+    dataset: DatasetName = Field(
+        "fashion-mnist",
+        title="Dataset",
+        examples=["fashion-mnist", "digits"],
+        description="Image pool (vecaf.data.list_datasets()).",
+    )
     root: str | None = Field(
         None,
         max_length=MAX_PATH_LENGTH,
+        title="Data folder",
         description="Data folder (ImageFolder root, CIFAR batches, Fashion-MNIST idx files); None: the default."
     )
     train_split: str = Field(
-        "train", min_length=1, max_length=MAX_NAME_LENGTH, description="Split that forms the pool."
+        "train", min_length=1, max_length=MAX_NAME_LENGTH, title="Pool split", description="Split that forms the pool."
     )
     test_split: str = Field(
-        "test", min_length=1, max_length=MAX_NAME_LENGTH, description="Held-out split (evaluation and promotion)."
+        "test",
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        title="Held-out split",
+        description="Held-out split (evaluation and promotion)."
     )
     pool_size: int | None = Field(
-        4000, ge=10, le=10_000_000, description="Images of the pool (seeded stratified subset); None: all."
+        4000,
+        ge=10,
+        le=10_000_000,
+        title="Pool size (images)",
+        examples=[3000],
+        description="Images of the pool (seeded stratified subset); None: all."
     )
     test_size: int | None = Field(
-        1000, ge=10, le=10_000_000, description="Images of the held-out split (stratified subset); None: all."
+        1000,
+        ge=10,
+        le=10_000_000,
+        title="Held-out size (images)",
+        examples=[1000],
+        description="Images of the held-out split (stratified subset); None: all."
     )
     image_size: int | None = Field(
-        64, ge=16, le=1024, description="PVM input side S in pixels; None: the PVM's own (224 for EfficientNet-Lite0)."
+        64,
+        ge=16,
+        le=1024,
+        title="Input size (pixels)",
+        examples=[64],
+        description="PVM input side S in pixels; None: the PVM's own (224 for EfficientNet-Lite0)."
     )
-    subset_seed: int = Field(0, ge=0, description="Seed of the stratified subsets.")
-    shard_size: int = Field(1000, ge=16, le=1_000_000, description="Images per captioning/embedding task.")
+    subset_seed: int = Field(0, ge=0, title="Subset seed", description="Seed of the stratified subsets.")
+    shard_size: int = Field(
+        1000,
+        ge=16,
+        le=1_000_000,
+        title="Shard size (images per task)",
+        description="Images per captioning/embedding task.",
+    )
     holdout_fraction: float = Field(
         0.2,
         gt=0.0,
         lt=1.0,
+        title="Held-out fraction (ImageFolder)",
         description="ImageFolder without train/test folders: share of the images carved out as the held-out split "
         "(by content hash, so pool and held-out never share an image).",
     )
     allow_overlap: bool = Field(
         False,
+        title="Allow pool/held-out overlap",
         description="Accept a held-out split that shares images (same content hash) with the pool; off: refused, "
         "because accuracies and promotion would be measured on training images.",
     )
@@ -115,25 +153,40 @@ class ModelParams(_Params):
     pvm: str = Field(
         "efficientnet_lite0",
         max_length=MAX_NAME_LENGTH,
-        description="PVM: 'efficientnet_lite0' or a timm architecture.",
+        title="Pretrained vision model (PVM)", description="PVM: 'efficientnet_lite0' or a timm architecture.",
     )
     pvm_checkpoint: str | None = Field(
         None,
         max_length=MAX_PATH_LENGTH,
+        title="PVM checkpoint file",
         description="A local state_dict file loaded into the PVM instead of its default weights.",
     )
     captioner: str = Field(
         "imagenet-labels",
         max_length=MAX_PATH_LENGTH,
+        title="Captioner",
         description="'imagenet-labels', an alias (blip-base, coca...), 'hf:<folder>' or 'open_clip:<spec>'.",
     )
     text_encoder: str = Field(
         "all-MiniLM-L6-v2",
         max_length=MAX_PATH_LENGTH,
+        title="Text encoder",
         description="'all-MiniLM-L6-v2', an alias (clip, bert-large...), 'hf:<folder>' or 'open_clip:<spec>'.",
     )
-    batch_size: int = Field(64, ge=1, le=4096, description="Images or captions per inference batch.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="'auto' picks CUDA when present.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        title="Inference batch size",
+        description="Images or captions per inference batch.",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        title="Device",
+        examples=["auto", "cpu", "cuda:0"],
+        description="'auto' picks CUDA when present.",
+    )
 
     @field_validator("pvm", "captioner", "text_encoder")
     @classmethod
@@ -173,13 +226,23 @@ class ModelParams(_Params):
 class ObjectiveParams(_Params):
     """The per-sample loss L_i (Eq. 3) that training minimises and ODS weighs (Eq. 7)."""
 
-    kind: ObjectiveName = Field("ce", description="'ce', 'one-vs-all' (Table 3) or 'class-weighted'.")
-    target_class: int | None = Field(None, ge=0, description="Class index of the one-vs-all objective.")
+    kind: ObjectiveName = Field(
+        "ce",
+        title="Objective",
+        description="'ce', 'one-vs-all' (Table 3) or 'class-weighted'.",
+    )
+    target_class: int | None = Field(
+        None,
+        ge=0,
+        title="Target class (one-vs-all)",
+        examples=[0],
+        description="Class index of the one-vs-all objective.",
+    )
     class_weights: list[float] | None = Field(
         None,
         min_length=2,
         max_length=100_000,
-        description="One positive weight per class (class-weighted cross-entropy).",
+        title="Class weights", description="One positive weight per class (class-weighted cross-entropy).",
     )
 
     @model_validator(mode="after")
@@ -202,30 +265,82 @@ class TrainingParams(_Params):
     """The loops of active finetuning (Sec. 3.1, Appendix C) and CEA (Eq. 8-10)."""
 
     mode: Literal["head", "full"] = Field(
-        "head", description="'head': frozen PVM, train the head; 'full': the whole network trains."
+        "head",
+        title="Training mode",
+        description="'head': frozen PVM, train the head; 'full': the whole network trains."
     )
-    method: MethodName = Field("vecaf", description="Selection method, or 'full' for full-data finetuning.")
-    ratio: float = Field(0.01, gt=0.0, le=0.5, description="K/N, the share of the pool selected per loop.")
-    loops: int = Field(3, ge=1, le=100, description="L, selection + training loops.")
-    batch_budget: int = Field(300, ge=1, le=1_000_000, description="B, training batches over all loops (B/L per loop).")
-    batch_size: int = Field(32, ge=1, le=4096, description="Training batch size.")
-    lr: float = Field(5e-4, gt=0.0, le=10.0, description="Initial SGD learning rate (cosine decay over B).")
-    cea: bool = Field(True, description="Cross-attentive embedding augmentation from the captions (Eq. 8-10).")
-    eta: float = Field(1.0, ge=0.0, le=10.0, description="CEA step size eta (Eq. 9).")
-    lam_bw: float = Field(0.998, ge=0.0, le=1.0, description="CEA balance lam_bw (Eq. 10); 1 disables CEA.")
-    exclude_previous: bool = Field(True, description="Never re-select a sample picked in an earlier loop.")
+    method: MethodName = Field(
+        "vecaf",
+        title="Selection method",
+        description="Selection method, or 'full' for full-data finetuning.",
+    )
+    ratio: float = Field(
+        0.01,
+        gt=0.0,
+        le=0.5,
+        title="Selected share per loop (K/N)",
+        examples=[0.01],
+        description="K/N, the share of the pool selected per loop.",
+    )
+    loops: int = Field(3, ge=1, le=100, title="Loops (L)", examples=[3], description="L, selection + training loops.")
+    batch_budget: int = Field(
+        300,
+        ge=1,
+        le=1_000_000,
+        title="Training batch budget (B)",
+        examples=[300],
+        description="B, training batches over all loops (B/L per loop).",
+    )
+    batch_size: int = Field(32, ge=1, le=4096, title="Training batch size", description="Training batch size.")
+    lr: float = Field(
+        5e-4,
+        gt=0.0,
+        le=10.0,
+        title="Learning rate",
+        examples=[0.0005, 0.05],
+        description="Initial SGD learning rate (cosine decay over B).",
+    )
+    cea: bool = Field(
+        True,
+        title="Caption embedding augmentation (CEA)",
+        description="Cross-attentive embedding augmentation from the captions (Eq. 8-10).",
+    )
+    eta: float = Field(1.0, ge=0.0, le=10.0, title="CEA step size (eta)", description="CEA step size eta (Eq. 9).")
+    lam_bw: float = Field(
+        0.998,
+        ge=0.0,
+        le=1.0,
+        title="CEA balance (lam_bw)",
+        description="CEA balance lam_bw (Eq. 10); 1 disables CEA.",
+    )
+    exclude_previous: bool = Field(
+        True,
+        title="Exclude earlier picks",
+        description="Never re-select a sample picked in an earlier loop.",
+    )
     cumulative: bool = Field(
         True,
+        title="Train on all picks so far",
         description="Train each loop on all picks so far (growing labelled set; measured: accuracy rises loop to "
         "loop); off: the loop's picks only (the paper's per-loop protocol).",
     )
     loss_power: float = Field(
-        0.5, gt=0.0, le=10.0, description="VeCAF: selection weights p ~ L^loss_power (1 = Eq. 3 as written)."
+        0.5,
+        gt=0.0,
+        le=10.0,
+        title="Loss power",
+        description="VeCAF: selection weights p ~ L^loss_power (1 = Eq. 3 as written)."
     )
-    eval_every: int | None = Field(None, ge=1, description="Evaluate every n batches (default B // 10).")
-    seed: int = Field(0, ge=0, description="Seed of the head, the selection and the batch order.")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        title="Evaluate every n batches",
+        description="Evaluate every n batches (default B // 10).",
+    )
+    seed: int = Field(0, ge=0, title="Seed", description="Seed of the head, the selection and the batch order.")
     init: Literal["champion", "base"] = Field(
         "champion",
+        title="Start from",
         description="Start from the registered champion when its classes and architecture match (loop 1's "
         "losses come from it), else from the base PVM; 'base': always the base PVM.",
     )
@@ -242,15 +357,33 @@ class TrainingParams(_Params):
 class RegistryParams(_Params):
     """Tracking, registration and promotion."""
 
-    experiment: str = Field("vecaf", min_length=1, max_length=MAX_NAME_LENGTH, description="MLflow experiment.")
-    model_name: str = Field("vecaf-classifier", description="Registered model name in the MLflow registry.")
+    experiment: str = Field(
+        "vecaf",
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        title="MLflow experiment",
+        examples=["vecaf"],
+        description="MLflow experiment.",
+    )
+    model_name: str = Field(
+        "vecaf-classifier",
+        title="Registered model name",
+        examples=["vecaf-classifier", "vecaf-sandbox"],
+        description="Registered model name in the MLflow registry.",
+    )
     promotion_margin: float = Field(
         0.0,
         ge=0.0,
         le=1.0,
+        title="Promotion margin (top-1)",
+        examples=[0.0, 0.01],
         description="The challenger becomes champion only if its held-out top-1 beats the champion's by more.",
     )
-    promote: bool = Field(True, description="Run the promotion flow after finetuning (vecaf-pipeline).")
+    promote: bool = Field(
+        True,
+        title="Promote after finetuning",
+        description="Run the promotion flow after finetuning (vecaf-pipeline).",
+    )
 
     @field_validator("model_name")
     @classmethod

@@ -9,6 +9,12 @@
 3. ``finetune``: the VeCAF loops in one MLflow run (nested run per loop); the model registered as
    ``challenger``.
 4. ``promote`` (when ``registry.promote``): challenger vs champion on the held-out split.
+5. ``publish-run-report``: figures (accuracy vs batches, classes picked, selected images) and the model card
+   on the MLflow run; the card is the registered version's description; a tag links back to this run.
+6. ``publish-pipeline-summary``: this run's summary artifact (links to the MLflow run, logged model and
+   version, per-loop table, promotion decision, accuracy figure) and link artifacts.
+
+A progress artifact (``pipeline-progress``) on this run moves as the steps finish.
 
 The parameters are validated, and checked against each other, before step 1. Reruns skip the captions and
 embeddings already stored for the same images, models and prompt.
@@ -33,8 +39,9 @@ from flows.params import (
     check_training_fits,
 )
 from flows.promote import promote
-from flows.runtime import runtime
+from flows.runtime import flow_run_info, flow_run_url, runtime
 from tasks.reconcile import reconcile_task, watch_slot_waits
+from tasks.reports import publish_pipeline_summary_task, publish_run_report_task
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -62,24 +69,59 @@ def vecaf_pipeline(
         registry: experiment, registered model, promotion margin, whether to promote.
 
     Returns:
-        ``{"caption", "featurize", "finetune", "promote"}``: each step's summary (``caption``/``promote``
-        None when skipped).
+        ``{"caption", "featurize", "finetune", "promote", "report"}``: each step's summary
+        (``caption``/``promote`` None when skipped; ``report``: figures and MLflow links).
     """
     check_training_fits(data, training, objective)
     rt = runtime()
     local_pool = rt.settings.stack.work_pool if rt.settings.stack.host in _LOOPBACK else None
     reconcile_task(rt.tracking_uri, local_pool)
     use_text = training.cea and training.method != "full"
+    steps = ["caption"] * use_text + ["featurize", "finetune"] + ["promote"] * registry.promote + ["report"]
+    progress = _Progress(steps)
     with watch_slot_waits():
         captions = caption(data=data, models=models, ood_prompt=ood_prompt) if use_text else None
+        progress.done("caption") if use_text else None
         features = featurize(data=data, models=models, ood_prompt=ood_prompt, text=use_text)
+        progress.done("featurize")
         tuned = finetune(
             data=data, models=models, ood_prompt=ood_prompt, objective=objective, training=training, registry=registry
         )
+        progress.done("finetune")
         decision = promote(data=data, registry=registry, device=models.device) if registry.promote else None
+        progress.done("promote") if registry.promote else None
+    info = flow_run_info()
+    version = str(tuned["model"]["version"])
+    report = publish_run_report_task(
+        rt.tracking_uri, tuned["run_id"], data, registry.model_name, version,
+        flow_run_url(rt.prefect_ui, info["id"]) if info["id"] else None,
+    )  # fmt: skip
+    publish_pipeline_summary_task(rt.tracking_uri, tuned["run_id"], report, decision, registry.model_name, version)
+    progress.done("report")
     return {
         "caption": None if captions is None else {k: captions[k] for k in ("new", "cached")},
         "featurize": {k: features[k] for k in ("keys", "image", "text")},
         "finetune": tuned,
         "promote": decision,
+        "report": report,
     }
+
+
+class _Progress:
+    """The ``pipeline-progress`` artifact of this run: the share of the pipeline's steps that finished."""
+
+    def __init__(self, steps: list[str]) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.steps = steps
+        self.finished: list[str] = []
+        self.id = create_progress_artifact(
+            0.0, key="pipeline-progress", description=f"Steps: {', '.join(steps)}; none finished yet"
+        )
+
+    def done(self, step: str) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self.finished.append(step)
+        share = 100.0 * len(self.finished) / len(self.steps)
+        update_progress_artifact(self.id, share, description=f"Finished: {', '.join(self.finished)}")

@@ -124,10 +124,16 @@ def collect_summary(settings: Settings, flow_run: Any) -> dict[str, Any]:
         ``{"flow_run_url", "mlflow_run_url", "run_id", "loops": [{"loop", "selected", "top1"}], "final_top1",
         "model": {"name", "version", "aliases", "decision"}, "s3": {"model", "run_artifacts", "objects"}}``.
     """
-    from flows.finetune import mlflow_run_url
     from flows.runtime import flow_run_url
     from infra.stack import s3_client, stack_urls
-    from tasks.tracking import mlflow_client, s3_location
+    from tasks.tracking import (
+        mlflow_client,
+        mlflow_logged_model_url,
+        mlflow_model_version_url,
+        mlflow_run_url,
+        mlflow_ui_url,
+        s3_location,
+    )
 
     urls = stack_urls(settings)
     client = mlflow_client(urls["mlflow_url"])
@@ -151,6 +157,8 @@ def collect_summary(settings: Settings, flow_run: Any) -> dict[str, Any]:
         model["decision"] = mv.tags.get("promotion.decision")
         model["reason"] = mv.tags.get("promotion.reason")
         model["heldout_top1"] = mv.tags.get("promotion.challenger_top1")
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id='{run_id}'")
+    model_id = models[0].model_id if models else None
     model_artifacts = run.data.tags.get("model_artifact_uri")
     model_s3 = s3_location(model_artifacts, settings.stack.bucket) if model_artifacts else None
     run_s3 = s3_location(run.info.artifact_uri, settings.stack.bucket)
@@ -168,6 +176,14 @@ def collect_summary(settings: Settings, flow_run: Any) -> dict[str, Any]:
         "flow_run_state": flow_run.state.name if flow_run.state else None,
         "run_id": run_id,
         "mlflow_run_url": mlflow_run_url(urls["mlflow_url"], run.info.experiment_id, run_id),
+        "mlflow_figures_url": mlflow_ui_url(
+            urls["mlflow_url"], f"experiments/{run.info.experiment_id}/runs/{run_id}/artifacts"
+        ),
+        "mlflow_model_url": (
+            mlflow_logged_model_url(urls["mlflow_url"], run.info.experiment_id, model_id) if model_id else None
+        ),
+        "mlflow_version_url": mlflow_model_version_url(urls["mlflow_url"], name, version) if name and version else None,
+        "flow_run_summary_url": flow_run_url(urls["prefect_ui_url"], str(flow_run.id)) + "?tab=Artifacts",
         "loops": loops,
         "final_top1": run.data.metrics.get("final_test_top1"),
         "model": model,
@@ -194,8 +210,18 @@ def print_summary(console: Any, summary: dict[str, Any]) -> None:
     where.add_row("registered model", f"{m['name']} version {m['version']} ({aliases})")
     if m.get("decision"):
         where.add_row("promotion", f"{m['decision']}: {m.get('reason')}")
+    if summary.get("final_top1") is not None:
+        where.add_row("final held-out top-1", f"{summary['final_top1']:.4f}")
     where.add_row("MLflow run", summary["mlflow_run_url"])
+    if summary.get("mlflow_figures_url"):
+        where.add_row("figures and model card", summary["mlflow_figures_url"])
+    if summary.get("mlflow_version_url"):
+        where.add_row("registered version", summary["mlflow_version_url"])
+    if summary.get("mlflow_model_url"):
+        where.add_row("logged model", summary["mlflow_model_url"])
     where.add_row("Prefect flow run", summary["flow_run_url"])
+    if summary.get("flow_run_summary_url"):
+        where.add_row("pipeline summary", summary["flow_run_summary_url"])
     objects = summary["s3"]["objects"]
     where.add_row("model files (S3)", f"{summary['s3']['model']}  ({objects.get('model', 0)} objects)")
     run_artifacts = f"{summary['s3']['run_artifacts']}  ({objects.get('run_artifacts', 0)} objects)"
@@ -251,7 +277,10 @@ def run_demo(
     for s in statuses:
         table.add_row(s.name, s.url, s.detail)
     console.print(table)
-    console.print("[bold]2.[/] Deploying the flows (pipeline on a cron schedule, promote on demand)...")
+    console.print(
+        "[bold]2.[/] Deploying the flows (production pipeline on a cron schedule, vecaf-pipeline/experiment for "
+        "one-off runs, promote on demand)..."
+    )
     ids = deploy(settings, pipeline_parameters=params.flow_parameters())
     for name in ids:
         console.print(f"   deployed {name}")
@@ -279,7 +308,8 @@ def run_demo(
     out.write_text(json.dumps(summary, indent=1))
     console.print(f"Summary written to {out}.")
     console.print(
-        f"The stack stays up: Prefect UI {urls['prefect_ui_url']}, MLflow UI {urls['mlflow_url']}. "
+        f"The stack stays up: Prefect UI {urls['prefect_ui_url']} (log in with PREFECT_API_AUTH_STRING of `vecaf stack "
+        f"env`), MLflow UI {urls['mlflow_url']}/#/?workflowType=machine_learning. "
         "Stop it with `make stop` (or `vecaf stack down`)."
     )
     return summary

@@ -74,6 +74,11 @@ def _looks_like_connection_error(exc: BaseException) -> bool:
 
 
 MLFLOW_SERVER = "MLflow tracking server"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""The experiment tag MLflow 3's UI reads to open an experiment in its model-training view (not GenAI)."""
+EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+"""The query that makes a printed MLflow UI link open in the model-training view, sidebar with the registry."""
 _ARTIFACT_PROXY_PATH = "/mlflow-artifacts/"
 """Requests under this path go through MLflow's artifact proxy, which forwards them to the S3 store."""
 
@@ -196,6 +201,36 @@ def check_mlflow(tracking_uri: str, *, timeout: float = 5.0) -> None:
     raise EndpointUnreachableError(f"MLflow tracking server at {tracking_uri} answered {url} with HTTP {status}")
 
 
+def mlflow_ui_url(tracking_uri: str, route: str = "") -> str:
+    """A page of the MLflow UI that opens in its model-training view (``route`` like ``experiments/1/runs/<id>``)."""
+    return f"{tracking_uri.rstrip('/')}/#/{route.strip('/')}?{UI_WORKFLOW_QUERY}"
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run (model-training view)."""
+    return mlflow_ui_url(tracking_uri, f"experiments/{experiment_id}/runs/{run_id}")
+
+
+def mlflow_model_version_url(tracking_uri: str, name: str, version: str | int) -> str:
+    """The MLflow UI page of a registered model version (model-training view)."""
+    return mlflow_ui_url(tracking_uri, f"models/{name}/versions/{version}")
+
+
+def mlflow_logged_model_url(tracking_uri: str, experiment_id: str, model_id: str) -> str:
+    """The MLflow UI page of a logged model (its metrics, parameters and files)."""
+    return mlflow_ui_url(tracking_uri, f"experiments/{experiment_id}/models/{model_id}")
+
+
+def ensure_training_experiment(client: Any, experiment: str) -> str:
+    """The experiment's id (created when missing), tagged so MLflow's UI opens it in the model-training view."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return str(client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return str(exp.experiment_id)
+
+
 def mlflow_client(tracking_uri: str) -> Any:
     """Check the server, point the fluent API at it and return an ``MlflowClient`` for it."""
     for key, value in _MLFLOW_HTTP_DEFAULTS.items():
@@ -280,10 +315,10 @@ def _dataset_from_manifest(manifest: str, name: str) -> Any:
     return _pandas_dataset(df, source=manifest, name=name)
 
 
-def _metric(key: str, value: float, step: int, ts: int) -> Any:
+def _metric(key: str, value: float, step: int, ts: int, model_id: str | None = None) -> Any:
     from mlflow.entities import Metric
 
-    return Metric(key=key, value=float(value), timestamp=ts, step=int(step))
+    return Metric(key=key, value=float(value), timestamp=ts, step=int(step), model_id=model_id)
 
 
 def _log_metrics(client: Any, run_id: str, metrics: list[Any]) -> None:
@@ -323,9 +358,9 @@ def start_run(
 
     with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        experiment_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        experiment_id = ensure_training_experiment(client, experiment)
+        run_tags = {"mlflow.source.type": "JOB", "mlflow.source.name": "vecaf-pipeline (Prefect flow finetune)"}
+        run = client.create_run(experiment_id, run_name=run_name, tags={**run_tags, **dict(tags)})
         run_id = run.info.run_id
         flat = flatten_params(params)
         items = [Param(k, v) for k, v in flat.items()]
@@ -396,10 +431,18 @@ def log_loop(
             order_by=["attributes.start_time ASC"],
             max_results=1,
         )
+        seconds = sum(float(v) for v in record.get("seconds", {}).values())
+        started = ts - int(seconds * 1000)
+        tags["mlflow.note.content"] = (
+            f"Loop {loop + 1}: {record['budget']} images selected, {record['batches']} training batches "
+            f"(up to batch {record['end_batches']}); held-out top-1 {record['top1']:.4f}."
+        )
         if earlier:
             child = earlier[0]
         else:
-            child = client.create_run(parent.info.experiment_id, run_name=f"loop-{loop + 1}", tags=tags)
+            child = client.create_run(
+                parent.info.experiment_id, run_name=f"loop-{loop + 1}", tags=tags, start_time=started
+            )
         cid = child.info.run_id
         params = [
             Param("loop", str(loop + 1)),
@@ -436,7 +479,7 @@ def log_loop(
         client.log_inputs(
             cid, datasets=[DatasetInput(subset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])]
         )
-        client.set_terminated(cid, RunStatus.to_string(RunStatus.FINISHED))
+        client.set_terminated(cid, RunStatus.to_string(RunStatus.FINISHED), end_time=max(ts, started + 1))
         parent_metrics = [
             _metric("loop_top1", record["top1"], loop + 1, ts),
             _metric("loop_test_loss", record["test_loss"], loop + 1, ts),
@@ -506,6 +549,7 @@ def log_model(
     metadata: Mapping[str, Any],
     final_metrics: Mapping[str, float],
     result_path: str | None = None,
+    final_step: int | None = None,
 ) -> dict[str, str]:
     """Log the trained network to the parent run as an MLflow logged model, without pickle (artifacts go to S3).
 
@@ -524,6 +568,12 @@ def log_model(
         metadata: MLmodel metadata (JSON-ready).
         final_metrics: metrics of the final model (``test_top1``...), logged as ``final_*``.
         result_path: the engine's full result JSON, logged as ``training/result.json``.
+        final_step: the global batch of the final model (the model is the run's output at this step; its
+            final metrics are logged at it). None: read from the run's ``test_top1`` history (its last step).
+
+    The final metrics are logged twice, both WITH the logged model's id: as ``final_<name>`` and as
+    ``<name>`` at the final step, so the logged-model page (and the registered version's) shows the final
+    numbers, never the untrained model's step-0 values.
 
     Returns:
         ``{"model_id", "model_uri", "artifact_uri"}`` (``models:/<model_id>`` and where its files are).
@@ -541,15 +591,19 @@ def log_model(
     result_path = local_copy(result_path) if result_path else None
     config = _model_dir_config(model_dir)
     ts = int(time.time() * 1000)
+    final_step = int(final_step or 0)
     with talking_to(MLFLOW_SERVER, tracking_uri):
         client = mlflow_client(tracking_uri)
         experiment_id = client.get_run(run_id).info.experiment_id
+        if final_step is None or final_step <= 0:
+            history = client.get_metric_history(run_id, "test_top1")
+            final_step = max((int(m.step) for m in history), default=0)
         logged = client.create_logged_model(
             experiment_id, name="model", source_run_id=run_id, model_type=MODEL_FLAVOR,
             tags={"vecaf.format": f"{config['format']}/{config['format_version']}"},
         )  # fmt: skip
         try:
-            client.log_outputs(run_id=run_id, models=[LoggedModelOutput(logged.model_id, step=0)])
+            client.log_outputs(run_id=run_id, models=[LoggedModelOutput(logged.model_id, step=final_step)])
             with tempfile.TemporaryDirectory(prefix="vecaf-model-") as tmp:
                 for name in (CONFIG_FILE, WEIGHTS_FILE):
                     shutil.copyfile(Path(model_dir) / name, Path(tmp) / name)
@@ -563,7 +617,9 @@ def log_model(
             raise
         if result_path:
             client.log_artifact(run_id, result_path, "training")
-        _log_metrics(client, run_id, [_metric(f"final_{k}", v, 0, ts) for k, v in final_metrics.items()])
+        final = [_metric(f"final_{k}", v, final_step, ts, logged.model_id) for k, v in final_metrics.items()]
+        final += [_metric(k, v, final_step, ts, logged.model_id) for k, v in final_metrics.items()]
+        _log_metrics(client, run_id, final)
     return {
         "model_id": logged.model_id,
         "model_uri": f"models:/{logged.model_id}",
@@ -797,11 +853,13 @@ def log_model_task(
     metadata: dict[str, Any],
     final_metrics: dict[str, float],
     result_path: str | None = None,
+    final_step: int | None = None,
 ) -> dict[str, str]:
     """Prefect task around :func:`log_model`."""
     out = log_model(
-        tracking_uri, run_id, model_dir, metadata=metadata, final_metrics=final_metrics, result_path=result_path
-    )
+        tracking_uri, run_id, model_dir, metadata=metadata, final_metrics=final_metrics, result_path=result_path,
+        final_step=final_step,
+    )  # fmt: skip
     get_run_logger().info("logged model %s (%s)", out["model_id"], out["artifact_uri"])
     return out
 
