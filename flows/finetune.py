@@ -54,15 +54,11 @@ from tasks.tracking import (
     end_run_task,
     log_loop_task,
     log_model_task,
+    mlflow_run_url,
     start_run_task,
     verify_model_artifacts_task,
 )
 from tasks.training import TrainSpec, compute_losses_task, preprocessing, train_loop_task
-
-
-def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The MLflow UI page of a run."""
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 @flow(
