@@ -60,6 +60,14 @@ class RandomSelection(SelectionMethod):
         return rng.permutation(candidates)[:budget].astype(np.int64)
 
 
+def largest_scores(scores: np.ndarray, budget: int, exclude: np.ndarray, seed: int) -> np.ndarray:
+    """The ``budget`` allowed indices with the largest ``scores``, ties in a seeded random order."""
+    tie_break = np.random.default_rng(seed).random(scores.shape[0])
+    order = np.lexsort((tie_break, -scores))
+    order = order[allowed_mask(scores.shape[0], exclude)[order]]
+    return order[:budget].astype(np.int64)
+
+
 @register_method("topk_loss")
 @dataclass
 class TopKLoss(SelectionMethod):
@@ -77,12 +85,7 @@ class TopKLoss(SelectionMethod):
         exclude: np.ndarray,
         seed: int,
     ) -> np.ndarray:
-        values = losses.cpu().numpy().astype(np.float64)
-        rng = np.random.default_rng(seed)
-        tie_break = rng.random(values.shape[0])
-        order = np.lexsort((tie_break, -values))
-        order = order[allowed_mask(values.shape[0], exclude)[order]]
-        return order[:budget].astype(np.int64)
+        return largest_scores(losses.cpu().numpy().astype(np.float64), budget, exclude, seed)
 
 
 @register_method("coreset")

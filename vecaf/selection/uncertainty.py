@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vecaf.selection.baselines import allowed_mask
+from vecaf.selection.baselines import largest_scores
 from vecaf.selection.registry import SelectionMethod, register_method
 
 
@@ -35,14 +35,6 @@ def margin_scores(probs: torch.Tensor) -> np.ndarray:
     """(N,) margins p(1) - p(2) between the two most probable classes (float64)."""
     top2 = torch.topk(probs.to(torch.float64), 2, dim=1).values
     return (top2[:, 0] - top2[:, 1]).cpu().numpy()
-
-
-def _most_uncertain(uncertainty: np.ndarray, budget: int, exclude: np.ndarray, seed: int) -> np.ndarray:
-    """The ``budget`` allowed indices with the largest ``uncertainty``, ties in a seeded random order."""
-    tie_break = np.random.default_rng(seed).random(uncertainty.shape[0])
-    order = np.lexsort((tie_break, -uncertainty))
-    order = order[allowed_mask(uncertainty.shape[0], exclude)[order]]
-    return order[:budget].astype(np.int64)
 
 
 @register_method("entropy")
@@ -63,7 +55,7 @@ class EntropySampling(SelectionMethod):
         seed: int,
         probs: torch.Tensor,
     ) -> np.ndarray:
-        return _most_uncertain(entropy_scores(probs), budget, exclude, seed)
+        return largest_scores(entropy_scores(probs), budget, exclude, seed)
 
 
 @register_method("margin")
@@ -84,4 +76,4 @@ class MarginSampling(SelectionMethod):
         seed: int,
         probs: torch.Tensor,
     ) -> np.ndarray:
-        return _most_uncertain(-margin_scores(probs), budget, exclude, seed)
+        return largest_scores(-margin_scores(probs), budget, exclude, seed)
