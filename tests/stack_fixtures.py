@@ -143,3 +143,28 @@ def free_port() -> Callable[[], int]:
 def stack_settings() -> Callable[..., StackSettings]:
     """A factory ``(state_dir, **overrides) -> StackSettings`` on free ports (see ``make_stack_settings``)."""
     return make_stack_settings
+
+
+def drain_prefect_services() -> None:
+    """Send this process's queued Prefect logs and events while the stack still answers (not at exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+
+
+@pytest.fixture(scope="module", name="env")
+def stack_client(stack: LocalStack) -> Iterator[LocalStack]:
+    """This process's Prefect client, MLflow helpers and ``load_settings()`` pointed at the session stack for a
+    module (``stack.env`` in the environment, ``PREFECT_API_URL`` set); drains Prefect's log and event workers at
+    the end, while the stack still answers."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    patch = pytest.MonkeyPatch()
+    for key, value in stack.env.items():
+        patch.setenv(key, value)
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+        yield stack
+        drain_prefect_services()
+    patch.undo()

@@ -33,29 +33,6 @@ def pipeline_params() -> PipelineParams:
     )
 
 
-def _drain_prefect_services() -> None:
-    """Send this process's queued Prefect logs and events while the stack still answers (not at exit)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def env(stack):
-    """This process's Prefect client, MLflow helpers and ``load_settings()`` pointed at the session stack."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    patch = pytest.MonkeyPatch()
-    for key, value in stack.env.items():
-        patch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        yield stack
-        _drain_prefect_services()
-    patch.undo()
-
-
 @pytest.fixture(scope="module")
 def pipeline(env) -> SimpleNamespace:
     """Deploy, run ``vecaf-pipeline`` through its deployment, and find what it wrote."""

@@ -19,34 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stack_fixtures import drain_prefect_services
+
 from flows.params import DataParams, RegistryParams, TrainingParams
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLASSES = ("circle", "square", "stripes")
-
-
-def _drain_prefect_services() -> None:
-    """Send this process's queued Prefect logs and events while the stack still answers (not at exit)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def env(stack):
-    """This process's Prefect client and ``load_settings()`` pointed at the session stack."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    patch = pytest.MonkeyPatch()
-    for key, value in stack.env.items():
-        patch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        yield stack
-        _drain_prefect_services()
-    patch.undo()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +68,7 @@ def _run_logs(flow_run_id) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    _drain_prefect_services()
+    drain_prefect_services()
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return [log.message for log in logs]

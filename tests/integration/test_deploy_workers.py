@@ -32,28 +32,6 @@ SHARD_DATA = DataParams(dataset="digits", pool_size=40, test_size=20, image_size
 FAN_OUT_DATA = DataParams(dataset="digits", pool_size=160, test_size=80, image_size=32, shard_size=40)
 
 
-def _drain_prefect_services() -> None:
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def env(stack):
-    """This process's Prefect client and ``load_settings()`` pointed at the session stack."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    patch = pytest.MonkeyPatch()
-    for key, value in stack.env.items():
-        patch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        yield stack
-        _drain_prefect_services()
-    patch.undo()
-
-
 def _client() -> Any:
     from prefect.client.orchestration import get_client
 

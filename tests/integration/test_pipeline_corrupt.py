@@ -18,26 +18,6 @@ from flows.params import DataParams, RegistryParams, TrainingParams
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _drain_prefect_services() -> None:
-    """Send this process's queued Prefect logs and events while the stack still answers (not at exit)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
-
-
-@pytest.fixture
-def env(stack, monkeypatch):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    for key, value in stack.env.items():
-        monkeypatch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        yield stack
-        _drain_prefect_services()
-
-
 @pytest.fixture
 def folder(tmp_path) -> Path:
     from PIL import Image

@@ -35,29 +35,6 @@ DATA = DataParams(dataset="digits", pool_size=300, test_size=200, image_size=32,
 EXPERIMENT = "vecaf-test-promotion"
 
 
-def _drain_prefect_services() -> None:
-    """Send this process's queued Prefect logs and events while the stack still answers (not at exit)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def env(stack):
-    """This process's Prefect client and ``load_settings()`` pointed at the session stack."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    patch = pytest.MonkeyPatch()
-    for key, value in stack.env.items():
-        patch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        yield stack
-        _drain_prefect_services()
-    patch.undo()
-
-
 def _top1(model, dataset, data_config) -> float:
     from tasks.training import _predict
     from vecaf.models.pvm import PVMTransform

@@ -101,7 +101,7 @@ def _own_stack(state_dir: Path, **server_env: str) -> Iterator[tuple[Any, dict[s
     """A stack in ``state_dir`` (``server_env`` reaches its servers), the tiny flow deployed, ``gpu`` limit 1."""
     from prefect import Flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from stack_fixtures import make_stack_settings
+    from stack_fixtures import drain_prefect_services, make_stack_settings
 
     from flows.deploy import PROJECT_ROOT, ensure_gpu_limit
     from infra.stack import running_stack, stack_env, stack_urls
@@ -121,7 +121,7 @@ def _own_stack(state_dir: Path, **server_env: str) -> Iterator[tuple[Any, dict[s
                 ignore_warnings=True,
             )  # fmt: skip
             yield Settings(stack=stack), urls
-            _drain()
+            drain_prefect_services()
     finally:
         patch.undo()
 
@@ -134,12 +134,6 @@ def own(tmp_path_factory):
         yield value
 
 
-def _drain() -> None:
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
 
 
 def _client() -> Any:

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from flows.params import RegistryParams
-from tests.integration.test_promotion import DATA, EXPERIMENT, _champion, _register, env, models  # noqa: F401
+from tests.integration.test_promotion import DATA, EXPERIMENT, _champion, _register, models  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

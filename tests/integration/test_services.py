@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from infra.stack import down, prefect_request, running_stack, services_of, stack_env, status, up, worker_name
 from infra.stack_cli import stack_app
-from stack_fixtures import make_stack_settings, pick_free_port
+from stack_fixtures import drain_prefect_services, make_stack_settings, pick_free_port
 from vecaf.settings import ServiceSettings, Settings, StackSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -271,7 +271,7 @@ def test_pipeline_completes_against_the_external_servers(external: SimpleNamespa
         finished = client.get_run(versions[0].run_id)
         assert finished.info.status == "FINISHED"
         assert finished.data.tags.get("prefect_pipeline_run_id") == str(run.id)
-        _drain_prefect_services()
+        drain_prefect_services()
     finally:
         patch.undo()
 
@@ -283,9 +283,3 @@ def test_down_leaves_the_external_servers_running(external: SimpleNamespace) -> 
     assert _http_ok(f"{external.prefect_api}/health") and _http_ok(f"{external.mlflow_uri}/health")
 
 
-def _drain_prefect_services() -> None:
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)

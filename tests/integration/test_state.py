@@ -27,24 +27,6 @@ TRAINING = TrainingParams(ratio=0.05, loops=2, batch_budget=8, batch_size=8, lr=
 REGISTRY = RegistryParams(experiment="vecaf-test-state", model_name="vecaf-test-state")
 
 
-@pytest.fixture(scope="module")
-def env(stack):
-    """``load_settings()`` and this process's Prefect client pointed at the session stack."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    patch = pytest.MonkeyPatch()
-    for key, value in stack.env.items():
-        patch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        yield stack
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=30)
-        EventsWorker.drain_all(timeout=30)
-    patch.undo()
-
-
 class DiskLoss:
     """Deletes the worker's cache (and all its scratch space) on demand, counting the deletions and the
     engine calls (a loop trained, not found in the bucket)."""

@@ -19,27 +19,6 @@ DATA = DataParams(dataset="digits", pool_size=500, test_size=200, image_size=32,
 EXPERIMENT = "vecaf-test-faults"
 
 
-def _drain_prefect_services() -> None:
-    """Send this process's queued Prefect logs and events while the stack still answers (not at exit)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=30)
-    EventsWorker.drain_all(timeout=30)
-
-
-@pytest.fixture
-def env(stack, monkeypatch):
-    """This process's Prefect client and ``load_settings()`` pointed at the session stack."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    for key, value in stack.env.items():
-        monkeypatch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        yield stack
-        _drain_prefect_services()
-
-
 def _task_runs(flow_run_id):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

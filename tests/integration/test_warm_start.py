@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flows.params import ModelParams
-from tests.integration.test_promotion import DATA, _register, env, models  # noqa: F401
+from tests.integration.test_promotion import DATA, _register, models  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
