@@ -64,7 +64,7 @@ class TrainSpec:
     Attributes:
         data, models, objective, training: the flow parameters.
         ood_prompt: the caption suffix (selects which text embeddings feed CEA).
-        store_dir: the Feast store.
+        store: the Feast store spec (``tasks.features.store_spec``; a local store folder also works).
         run_uri: this run's state in the bucket, ``s3://<bucket>/<prefix>runs/<run key>`` (checkpoints, loop
             records, picks, model; see ``tasks.storage.run_key``).
         pool_manifest, test_manifest: the manifests of the pool and the held-out split.
@@ -81,7 +81,7 @@ class TrainSpec:
     objective: ObjectiveParams
     training: TrainingParams
     ood_prompt: str | None
-    store_dir: str
+    store: dict[str, Any] | str
     run_uri: str
     pool_manifest: str
     test_manifest: str
@@ -125,7 +125,7 @@ def _features(spec: TrainSpec, split: str, manifest: str) -> tuple[list[str], np
     keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
     ids, labels = _manifest_ids_labels(manifest)
     try:
-        _, emb, stored = read_embeddings(spec.store_dir, pvm=keys.pvm, split=None, ids=ids)
+        _, emb, stored = read_embeddings(spec.store, pvm=keys.pvm, split=None, ids=ids)
     except ValueError as exc:
         raise ValueError(f"{exc}; run the featurize flow for PVM {keys.pvm!r} first") from exc
     if not np.array_equal(stored, labels):
@@ -140,7 +140,7 @@ def _text(spec: TrainSpec, ids: list[str]) -> np.ndarray | None:
         return None
     keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
     try:
-        _, text = read_text_embeddings(spec.store_dir, encoder=keys.encoder, prompt_suffix=keys.prompt, ids=ids)
+        _, text = read_text_embeddings(spec.store, encoder=keys.encoder, prompt_suffix=keys.prompt, ids=ids)
     except ValueError as exc:
         raise ValueError(
             f"{exc}; run the caption and featurize flows with text encoder {keys.encoder!r} and prompt "
@@ -303,7 +303,7 @@ def _captions_of(spec: TrainSpec, ids: list[str]) -> list[str | None]:
 
     keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
     try:
-        _, captions = read_captions(spec.store_dir, captioner=keys.captioner, prompt_suffix=keys.prompt, ids=ids)
+        _, captions = read_captions(spec.store, captioner=keys.captioner, prompt_suffix=keys.prompt, ids=ids)
     except ValueError:
         return [None] * len(ids)
     return list(captions)
@@ -492,7 +492,7 @@ def compute_losses(spec: TrainSpec, loop: int, model_version: str) -> dict[str, 
     loss_fn = make_objective(spec.objective)
     losses = loss_fn(torch.from_numpy(logits).double(), torch.from_numpy(inputs["pool_labels"]))
     losses = losses.detach().cpu().numpy().astype(np.float32)
-    path = write_sample_losses(spec.store_dir, inputs["pool_ids"], losses, model_version=model_version, loop=loop + 1)
+    path = write_sample_losses(spec.store, inputs["pool_ids"], losses, model_version=model_version, loop=loop + 1)
     return {"loop": loop + 1, "n": int(losses.size), "mean": float(losses.mean()), "path": path}
 
 
