@@ -54,7 +54,7 @@ def caption(
         )  # fmt: skip
     else:
         shards = [
-            caption_shard_task(data, models, prompt, start, stop, rt.store_dir, rt.allow_hub) for start, stop in bounds
+            caption_shard_task(data, models, prompt, start, stop, rt.feature_store, rt.allow_hub) for start, stop in bounds
         ]
     return {
         "pool": pool,
@@ -85,5 +85,5 @@ def caption_shard_flow(
         The shard's summary ``{"kind", "start", "stop", "new", "cached", "worker"}``.
     """
     rt = runtime()
-    result = caption_shard_task(data, models, ood_prompt, start, stop, rt.store_dir, rt.allow_hub)
+    result = caption_shard_task(data, models, ood_prompt, start, stop, rt.feature_store, rt.allow_hub)
     return publish_shard_summary_task({**result, "kind": "caption"})

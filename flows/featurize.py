@@ -48,7 +48,7 @@ def featurize(
     rt = runtime()
     prompt = (ood_prompt or "").strip() or None
     keys = feature_keys(models, data, prompt)
-    feast_apply_task(rt.store_dir)
+    feast_apply_task(rt.feature_store)
     pool = load_dataset_task(data, data.train_split, rt.work_dir)
     test = load_dataset_task(data, data.test_split, rt.work_dir)
     image_bounds = [(ref["split"], a, b) for ref in (pool, test) for a, b in shard_bounds(ref["size"], data.shard_size)]
@@ -65,11 +65,11 @@ def featurize(
         texts = [r for r in shards if r["kind"] == "text"]
     else:
         image = [
-            embed_image_shard_task(data, models, split, a, b, rt.store_dir, rt.allow_hub)
+            embed_image_shard_task(data, models, split, a, b, rt.feature_store, rt.allow_hub)
             for split, a, b in image_bounds
         ]
-        texts = [embed_text_shard_task(data, models, prompt, a, b, rt.store_dir, rt.allow_hub) for a, b in text_bounds]
-    views = feast_materialize_task(rt.store_dir)
+        texts = [embed_text_shard_task(data, models, prompt, a, b, rt.feature_store, rt.allow_hub) for a, b in text_bounds]
+    views = feast_materialize_task(rt.feature_store)
     return {
         "keys": keys.to_dict(),
         "pool": pool,
@@ -107,7 +107,7 @@ def embed_shard_flow(
     rt = runtime()
     if kind == "image":
         split = split or data.train_split
-        result = embed_image_shard_task(data, models, split, start, stop, rt.store_dir, rt.allow_hub)
+        result = embed_image_shard_task(data, models, split, start, stop, rt.feature_store, rt.allow_hub)
     else:
-        result = embed_text_shard_task(data, models, ood_prompt, start, stop, rt.store_dir, rt.allow_hub)
+        result = embed_text_shard_task(data, models, ood_prompt, start, stop, rt.feature_store, rt.allow_hub)
     return publish_shard_summary_task({**result, "kind": kind})

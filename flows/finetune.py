@@ -154,7 +154,7 @@ def finetune(
     run_id = run["run_id"]
     spec = TrainSpec(
         data=data, models=models, objective=objective, training=training, ood_prompt=prompt,
-        store_dir=rt.store_dir, run_uri=state_uri, pool_manifest=pool["manifest"],
+        store=rt.feature_store, run_uri=state_uri, pool_manifest=pool["manifest"],
         test_manifest=test["manifest"], num_classes=pool["num_classes"], class_names=tuple(pool["class_names"]),
         allow_hub=rt.allow_hub, init_model=init["model_dir"], init_artifact_uri=init["artifact_uri"],
     )  # fmt: skip
@@ -165,7 +165,7 @@ def finetune(
             losses = compute_losses_task(spec, loop, run_id)
             log_loop_task(rt.tracking_uri, run_id, out["record"], out["picks"], rt.bucket, data.dataset, losses)
             loops.append(out)
-        feast_materialize_task(rt.store_dir)
+        feast_materialize_task(rt.feature_store)
         final = loops[-1]
         pre = preprocessing(spec)
         metadata = {

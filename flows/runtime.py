@@ -25,7 +25,12 @@ class Runtime:
     Attributes:
         settings: the settings it was built from.
         state_dir: the stack's state folder (absolute).
-        store_dir: the Feast store folder.
+        store_dir: the folder of the Feast store's local files (``stack.feast_dir``; the SQLite online store,
+            file registry and Parquet by default). Tasks are given ``feature_store``, not this folder.
+        feature_store: the Feast store spec of the settings (``tasks.features.store_spec``: ``settings.feast``
+            or a user's ``feature_store.yaml``, never rewritten): what every task that reads or writes
+            features receives. JSON-able and free of secrets (``${VAR}`` references and S3 keys are resolved
+            where the store is opened).
         work_dir: ``<state_dir>/work``: this worker's scratch space.
         cache_dir: ``<work_dir>/cache``: the local cache of run state kept in the bucket (``tasks.storage``);
             it may vanish between tasks, anything in it is downloaded again when missing.
@@ -42,6 +47,7 @@ class Runtime:
     settings: Settings
     state_dir: Path
     store_dir: str
+    feature_store: dict[str, Any]
     work_dir: str
     cache_dir: str
     tracking_uri: str
@@ -73,7 +79,13 @@ def s3_client(services: ResolvedServices, *, timeout: float = 10.0) -> Any:
 
 
 def runtime(settings: Settings | None = None) -> Runtime:
-    """The :class:`Runtime` of these settings (default: ``load_settings()``)."""
+    """The :class:`Runtime` of these settings (default: ``load_settings()``).
+
+    Raises:
+        ValueError: the Feast configuration names an unknown store type or a bad location (before any work).
+    """
+    from tasks.features import store_spec
+
     s = settings if settings is not None else load_settings()
     root = state_dir(s.stack)
     services = resolve_services(s)
@@ -84,6 +96,7 @@ def runtime(settings: Settings | None = None) -> Runtime:
         settings=s,
         state_dir=root,
         store_dir=str(store),
+        feature_store=store_spec(s, services=services),
         work_dir=str(root / "work"),
         cache_dir=str(root / "work" / "cache"),
         tracking_uri=services.mlflow_tracking_uri,

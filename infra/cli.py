@@ -430,9 +430,11 @@ def gc(
     apply: bool = typer.Option(False, "--apply", help="Delete, rotate and compact; without it, only list."),
 ) -> None:
     """Retention: list (or, with --apply, delete) old runs, unaliased model versions, failed runs' work files;
-    rotate large logs; compact Feast Parquet. A version holding an alias is never deleted."""
+    old runs' state in the bucket; rotate large logs; compact Feast Parquet. A version holding an alias is never
+    deleted."""
     from flows.runtime import runtime
     from tasks.retention import apply_gc, plan_gc
+    from tasks.storage import store_uri
     from tasks.tracking import EndpointUnreachableError
     from vecaf.settings import load_settings
 
@@ -442,7 +444,8 @@ def gc(
         plan = plan_gc(
             tracking_uri=tracking_uri, state_dir=rt.state_dir, store_dir=rt.store_dir, keep_runs=keep_runs,
             keep_versions=keep_versions, older_than_days=older_than_days, log_max_bytes=int(log_max_mb * 1e6),
-            experiments=experiment or None, models=model or None,
+            experiments=experiment or None, models=model or None, runs_uri=store_uri(rt.bucket, rt.prefix, "runs"),
+            s3=rt.s3_client(),
         )  # fmt: skip
     except (EndpointUnreachableError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -456,7 +459,7 @@ def gc(
     if not apply:
         typer.echo(f"dry run: would handle {counts}; nothing changed (add --apply)")
         return
-    done = apply_gc(plan, tracking_uri=tracking_uri, log_keep=log_keep)
+    done = apply_gc(plan, tracking_uri=tracking_uri, log_keep=log_keep, s3=rt.s3_client())
     typer.echo("applied: " + ", ".join(f"{k} {v}" for k, v in done.items()))
 
 

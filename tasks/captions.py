@@ -39,7 +39,7 @@ def caption_shard(
     ood_prompt: str | None,
     start: int,
     stop: int,
-    store_dir: str,
+    store: dict[str, Any] | str,
     *,
     allow_hub: bool = False,
 ) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def caption_shard(
     ds = load_split(data, data.train_split)
     ids = ds.ids[start:stop]
     hashes = image_content_hashes(ds)[start:stop]
-    done = cached_ids(store_dir, "captions", ids, hashes, model_name=keys.captioner, prompt=keys.prompt)
+    done = cached_ids(store, "captions", ids, hashes, model_name=keys.captioner, prompt=keys.prompt)
     todo = np.flatnonzero(~done)
     out: dict[str, Any] = {"start": start, "stop": stop, "new": int(todo.size), "cached": int(done.sum())}
     if todo.size == 0:
@@ -65,7 +65,7 @@ def caption_shard(
     names = [ds.class_names[int(ds.labels[start + int(i)])] for i in todo]
     captions = captioner.caption(images, names, batch_size=models.batch_size)
     path = write_captions(
-        store_dir,
+        store,
         [ids[i] for i in todo],
         captions,
         captioner=keys.captioner,
@@ -82,11 +82,11 @@ def caption_shard_task(
     ood_prompt: str | None,
     start: int,
     stop: int,
-    store_dir: str,
+    store: dict[str, Any] | str,
     allow_hub: bool = False,
 ) -> dict[str, Any]:
     """Prefect task around :func:`caption_shard` (writes one Parquet file, or nothing when cached)."""
-    result = caption_shard(data, models, ood_prompt, start, stop, store_dir, allow_hub=allow_hub)
+    result = caption_shard(data, models, ood_prompt, start, stop, store, allow_hub=allow_hub)
     logger = get_run_logger()
     logger.info("captions [%d:%d]: %d new, %d cached", start, stop, result["new"], result["cached"])
     if result["example"]:

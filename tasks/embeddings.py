@@ -100,7 +100,7 @@ def embed_image_shard(
     split: str,
     start: int,
     stop: int,
-    store_dir: str,
+    store: dict[str, Any] | str,
     *,
     allow_hub: bool = False,
 ) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def embed_image_shard(
     ds = load_split(data, split)
     ids = ds.ids[start:stop]
     hashes = image_content_hashes(ds)[start:stop]
-    done = cached_ids(store_dir, "image_embeddings", ids, hashes, model_name=keys.pvm)
+    done = cached_ids(store, "image_embeddings", ids, hashes, model_name=keys.pvm)
     todo = np.flatnonzero(~done)
     out: dict[str, Any] = {
         "split": split, "start": start, "stop": stop, "new": int(todo.size), "cached": int(done.sum()),
@@ -130,7 +130,7 @@ def embed_image_shard(
         pvm, images, batch_size=models.batch_size, device=models.device, image_size=data.image_size, progress=False
     )
     path = write_image_embeddings(
-        store_dir,
+        store,
         [ids[i] for i in todo],
         vectors,
         labels=ds.labels[start:stop][todo],
@@ -147,7 +147,7 @@ def embed_text_shard(
     ood_prompt: str | None,
     start: int,
     stop: int,
-    store_dir: str,
+    store: dict[str, Any] | str,
     *,
     allow_hub: bool = False,
 ) -> dict[str, Any]:
@@ -164,9 +164,9 @@ def embed_text_shard(
     keys = feature_keys(models, data, ood_prompt)
     ds = load_split(data, data.train_split)
     ids = ds.ids[start:stop]
-    _, captions = read_captions(store_dir, captioner=keys.captioner, prompt_suffix=keys.prompt, ids=ids)
+    _, captions = read_captions(store, captioner=keys.captioner, prompt_suffix=keys.prompt, ids=ids)
     hashes = [content_hash(c) for c in captions]
-    done = cached_ids(store_dir, "text_embeddings", ids, hashes, model_name=keys.encoder, prompt=keys.prompt)
+    done = cached_ids(store, "text_embeddings", ids, hashes, model_name=keys.encoder, prompt=keys.prompt)
     todo = np.flatnonzero(~done)
     out: dict[str, Any] = {"start": start, "stop": stop, "new": int(todo.size), "cached": int(done.sum())}
     if todo.size == 0:
@@ -174,7 +174,7 @@ def embed_text_shard(
     encoder = get_text_encoder(models.text_encoder, allow_hub, models.device)
     vectors = encoder.encode([captions[i] for i in todo], batch_size=models.batch_size)
     path = write_text_embeddings(
-        store_dir,
+        store,
         [ids[i] for i in todo],
         vectors,
         encoder=keys.encoder,
@@ -186,10 +186,16 @@ def embed_text_shard(
 
 @task(name="embed-image-shard", **GPU_TASK)
 def embed_image_shard_task(
-    data: DataParams, models: ModelParams, split: str, start: int, stop: int, store_dir: str, allow_hub: bool = False
+    data: DataParams,
+    models: ModelParams,
+    split: str,
+    start: int,
+    stop: int,
+    store: dict[str, Any] | str,
+    allow_hub: bool = False,
 ) -> dict[str, Any]:
     """Prefect task around :func:`embed_image_shard` (writes one Parquet file, or nothing when cached)."""
-    result = embed_image_shard(data, models, split, start, stop, store_dir, allow_hub=allow_hub)
+    result = embed_image_shard(data, models, split, start, stop, store, allow_hub=allow_hub)
     get_run_logger().info(
         "image embeddings %s[%d:%d]: %d new, %d cached", split, start, stop, result["new"], result["cached"]
     )
@@ -203,10 +209,10 @@ def embed_text_shard_task(
     ood_prompt: str | None,
     start: int,
     stop: int,
-    store_dir: str,
+    store: dict[str, Any] | str,
     allow_hub: bool = False,
 ) -> dict[str, Any]:
     """Prefect task around :func:`embed_text_shard` (writes one Parquet file, or nothing when cached)."""
-    result = embed_text_shard(data, models, ood_prompt, start, stop, store_dir, allow_hub=allow_hub)
+    result = embed_text_shard(data, models, ood_prompt, start, stop, store, allow_hub=allow_hub)
     get_run_logger().info("text embeddings [%d:%d]: %d new, %d cached", start, stop, result["new"], result["cached"])
     return result

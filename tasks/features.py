@@ -90,6 +90,9 @@ _SCHEMAS = {
 # --------------------------------------------------------------------------------------------------
 # Store set-up: the store description ("spec"), feature_store.yaml, FeatureStore, apply
 
+STORE_YAML = "feature_store.yaml"
+AWS_ENDPOINT = "aws"
+"""An ``s3.endpoint_url`` of a spec that means AWS's own endpoints (not the AWS variables' endpoint)."""
 ONLINE_STORE_TYPES = ("redis", "sqlite")
 OFFLINE_STORE_TYPES = ("dask", "file")
 REGISTRY_TYPES = ("file", "sql")
@@ -157,6 +160,7 @@ def render_feature_store_yaml(
 def store_spec(
     settings: Any,
     *,
+    services: Any = None,
     s3_endpoint_url: str | None = None,
     s3_region: str | None = None,
     s3_addressing_style: str | None = None,
@@ -164,19 +168,28 @@ def store_spec(
     """The store description that tasks receive (JSON-able, so it travels to a worker on another machine).
 
     Built from ``settings.feast`` (see ``vecaf.settings.FeastSettings``) and ``settings.stack.feast_path``
-    (the default folder of the store's local files). Nothing is written and nothing is contacted here.
+    (the default folder of the store's local files). The ``feature_store.yaml`` is, first that applies:
+    ``feast.repo_config`` (a user's file, as is); the fields ``online_store``/``redis_url``/``registry``
+    rendered, when any is set; a ``feature_store.yaml`` already in the store folder (a user's, or one an
+    earlier version wrote), as is; else the default rendered (SQLite online store and file registry in
+    the store folder). Nothing is written and nothing is contacted here.
 
     Args:
         settings: the ``vecaf.settings.Settings``.
+        services: the resolved services (``vecaf.services.ResolvedServices``): an ``s3://`` offline path is
+            then read on the services' S3 endpoint, region and addressing style, with the services' keys
+            where the AWS variables hold none (resolved again where the store is opened: no secret is in
+            the spec). The three ``s3_*`` arguments override it.
         s3_endpoint_url: S3 endpoint of an ``s3://`` offline path (None: ``AWS_ENDPOINT_URL_S3`` /
-            ``AWS_ENDPOINT_URL`` where the store is opened, else AWS). Keys always come from the standard
-            AWS chain (``AWS_ACCESS_KEY_ID``, ..., instance roles) where the store is opened.
+            ``AWS_ENDPOINT_URL`` where the store is opened, else AWS). Without ``services``, keys come from
+            the standard AWS chain (``AWS_ACCESS_KEY_ID``, ..., instance roles) where the store is opened.
         s3_region: its region (None: ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` there).
         s3_addressing_style: ``"path"`` or ``"virtual"`` (None: path style with an endpoint URL).
 
     Returns:
         ``{"feature_store_yaml": text, "repo_dir": folder for relative paths in it, "offline_path":
-        folder or s3:// URI of the Parquet views, "s3": {"endpoint_url", "region", "addressing_style"}}``.
+        folder or s3:// URI of the Parquet views, "s3": {"endpoint_url", "region", "addressing_style",
+        "keys"}}`` (``keys``: ``"services"`` or ``"aws-chain"``).
 
     Raises:
         ValueError: the settings name an unknown store type, a bad location, or mix ``repo_config`` with
@@ -198,6 +211,9 @@ def store_spec(
         if not path.is_file():
             raise FileNotFoundError(f"feast.repo_config {path} does not exist")
         text, repo_dir, source = path.read_text(), path.parent, f"feast.repo_config {path}"
+    elif not (feast.online_store != "sqlite" or feast.redis_url or feast.registry) and (base / STORE_YAML).is_file():
+        path = base / STORE_YAML
+        text, repo_dir, source = path.read_text(), base, f"{path} (the store folder's own file)"
     else:
         text = render_feature_store_yaml(
             base, project=feast.project, online_store=feast.online_store, redis_url=feast.redis_url,
@@ -205,13 +221,21 @@ def store_spec(
         )
         repo_dir, source = base, "settings.feast"
     _check_config(_parse_config(text, source), source)
+    if services is not None:
+        s3_endpoint_url = s3_endpoint_url or services.s3_endpoint_url or AWS_ENDPOINT
+        s3_region = s3_region or services.s3_region
+        if s3_addressing_style is None and services.s3_addressing_style != "auto":
+            s3_addressing_style = services.s3_addressing_style
     if s3_addressing_style not in (None, "path", "virtual"):
         raise ValueError(f"s3_addressing_style must be 'path' or 'virtual', got {s3_addressing_style!r}")
     return {
         "feature_store_yaml": text,
         "repo_dir": str(repo_dir),
         "offline_path": _offline_location(feast.offline_path, base / "data"),
-        "s3": {"endpoint_url": s3_endpoint_url, "region": s3_region, "addressing_style": s3_addressing_style},
+        "s3": {
+            "endpoint_url": s3_endpoint_url, "region": s3_region, "addressing_style": s3_addressing_style,
+            "keys": "aws-chain" if services is None else "services",
+        },
     }
 
 
@@ -266,7 +290,8 @@ def apply_definitions(store: FeatureStore | dict | str | os.PathLike) -> list[st
     fs = _as_store(store)
     defs = _definitions()
     offline = _offline_of_store(fs)
-    objects = defs.build_definitions(offline.uri, s3_endpoint_override=offline.s3.get("endpoint_url"))
+    endpoint = offline.s3.get("endpoint_url")
+    objects = defs.build_definitions(offline.uri, s3_endpoint_override=None if endpoint == AWS_ENDPOINT else endpoint)
     if offline.is_local:
         for view in defs.VIEW_FEATURES:
             Path(defs.view_path(offline.uri, view)).mkdir(parents=True, exist_ok=True)
@@ -756,8 +781,23 @@ class _Offline:
 
 def _filesystem(uri: str, s3: dict) -> tuple[pafs.FileSystem, str]:
     if uri.startswith("s3://"):
-        return _s3_filesystem(s3.get("endpoint_url"), s3.get("region"), s3.get("addressing_style")), uri[5:]
+        return _s3_filesystem(s3.get("endpoint_url"), s3.get("region"), s3.get("addressing_style"),
+                              **_keys(s3)), uri[5:]
     return pafs.LocalFileSystem(), uri
+
+
+def _keys(s3: dict) -> dict[str, str]:
+    """The services' S3 keys for a spec built with ``services`` when the AWS variables hold none (else {}:
+    pyarrow's standard AWS chain). Resolved here, where the store is opened, so no key travels in a spec."""
+    if s3.get("keys") != "services" or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return {}
+    from vecaf.services import resolve_services
+    from vecaf.settings import load_settings
+
+    found = resolve_services(load_settings())
+    if found.s3_access_key is None or found.s3_secret_key is None:
+        return {}
+    return {"access_key": found.s3_access_key.get_secret_value(), "secret_key": found.s3_secret_key.get_secret_value()}
 
 
 def _s3_filesystem(
@@ -812,10 +852,8 @@ def _use_pyarrow_for_fsspec_s3(s3: dict) -> None:
 
         def __init__(self, key=None, secret=None, token=None, client_kwargs=None, endpoint_url=None, **kwargs):
             endpoint = (client_kwargs or {}).get("endpoint_url") or endpoint_url or defaults.get("endpoint_url")
-            fs = _s3_filesystem(
-                endpoint, defaults.get("region"), defaults.get("addressing_style"),
-                access_key=key, secret_key=secret, session_token=token,
-            )
+            keys = {"access_key": key, "secret_key": secret, "session_token": token} if key else _keys(defaults)
+            fs = _s3_filesystem(endpoint, defaults.get("region"), defaults.get("addressing_style"), **keys)
             super().__init__(fs, **kwargs)
 
     fsspec.register_implementation("s3", PyarrowS3, clobber=True)

@@ -15,6 +15,13 @@ pruned them. A plan (:func:`plan_gc`) lists, without changing anything:
 - Log files ``<state_dir>/logs/*.log`` larger than ``log_max_bytes``: rotated by copy and truncate
   (``name.log`` -> ``name.log.1`` -> ... -> ``name.log.<log_keep>``), because the servers keep them open in
   append mode (a rename would leave them writing to the old file).
+- Run prefixes in the bucket ``s3://<bucket>/<prefix>runs/<run key>/`` (loop checkpoints, picks, records, the
+  model; ``tasks.storage``), by the rules of the work folders applied to the MLflow runs tagged with that
+  ``run_key`` (several runs share a key when a rerun resumed): a prefix goes when every such run is deleted by
+  this plan, already deleted, FAILED or KILLED, or when no run names it, *and* its newest object is older than
+  ``older_than_days`` (so a failed run stays resumable that long). Never: a prefix of a RUNNING run, of a
+  FINISHED run that stays, of the run behind a model version that stays (the champion's above all), of a run
+  in an experiment outside ``experiments``.
 - Feast offline Parquet ``<store>/data/<view>/part-*.parquet``: a view with more than one file is rewritten
   as one file with the same rows (the "latest row per id" reads give the same answers), then the files read
   are removed; a file written meanwhile is left alone.
@@ -53,6 +60,10 @@ class GcPlan:
         work_dirs: ``{"path", "run_id", "reason", "bytes"}``.
         logs: ``{"path", "bytes"}`` of logs to rotate.
         parquet: ``{"view", "folder", "files", "bytes"}`` of Feast views to compact.
+        run_prefixes: ``{"uri", "run_key", "reason", "objects", "bytes", "newest"}`` of bucket run prefixes to
+            delete (``newest``: the last-modified time of its newest object, epoch ms).
+        kept_prefixes: ``run key -> why`` for the bucket run prefixes that stay.
+        kept_version_runs: run ids behind the model versions that stay (their prefixes are never deleted).
         cutoff: the "older than" instant (UTC).
     """
 
@@ -62,6 +73,9 @@ class GcPlan:
     work_dirs: list[dict[str, Any]] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
     parquet: list[dict[str, Any]] = field(default_factory=list)
+    run_prefixes: list[dict[str, Any]] = field(default_factory=list)
+    kept_prefixes: dict[str, str] = field(default_factory=dict)
+    kept_version_runs: set[str] = field(default_factory=set)
     cutoff: str = ""
 
     def lines(self) -> list[str]:
@@ -80,6 +94,8 @@ class GcPlan:
             out.append(f"log      {log['path']}  {log['bytes'] / 1e6:.1f} MB -> rotate")
         for p in self.parquet:
             out.append(f"parquet  {p['folder']}  {len(p['files'])} files, {p['bytes'] / 1e6:.1f} MB -> 1 file")
+        for p in self.run_prefixes:
+            out.append(f"bucket   {p['uri']}/  {p['reason']}  {p['objects']} objects, {p['bytes'] / 1e6:.1f} MB")
         return out
 
     def counts(self) -> dict[str, int]:
@@ -91,6 +107,7 @@ class GcPlan:
             "work_dirs": len(self.work_dirs),
             "logs": len(self.logs),
             "parquet_views": len(self.parquet),
+            "run_prefixes": len(self.run_prefixes),
         }
 
 
@@ -185,6 +202,7 @@ def plan_mlflow(
                 continue
             if mv.run_id:
                 protected_runs.add(mv.run_id)
+                plan.kept_version_runs.add(mv.run_id)
             if getattr(mv, "model_id", None):
                 kept_model_ids.add(mv.model_id)
     for mv in doomed_versions:
@@ -292,6 +310,155 @@ def plan_parquet_compaction(store_dir: str | os.PathLike) -> list[dict[str, Any]
     return out
 
 
+RUN_KEY_TAG = "run_key"
+_LIVE = ("RUNNING", "SCHEDULED", "FINISHED")
+
+
+def _list_objects(s3: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
+    objects, token = [], None
+    while True:
+        extra = {"ContinuationToken": token} if token else {}
+        page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, **extra)
+        objects.extend(page.get("Contents", []))
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return objects
+
+
+def _tagged_runs(client: Any) -> dict[str, list[Any]]:
+    """``run key -> MLflow runs tagged with it``, over every experiment, deleted runs included."""
+    from mlflow.entities import ViewType
+
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    out: dict[str, list[Any]] = {}
+    for start in range(0, len(experiments), 100):  # the server takes at most 100 experiments per search
+        token = None
+        while True:
+            page = client.search_runs(
+                experiments[start : start + 100], filter_string=f"tags.{RUN_KEY_TAG} LIKE '%'",
+                run_view_type=ViewType.ALL, max_results=1000, page_token=token,
+            )  # fmt: skip
+            for run in page:
+                out.setdefault(run.data.tags[RUN_KEY_TAG], []).append(run)
+            token = page.token
+            if not token:
+                break
+    return out
+
+
+def _aliased_runs(client: Any) -> set[str]:
+    """Run ids behind a model version that holds an alias, in every registered model."""
+    runs = set()
+    for model in client.search_registered_models():
+        for version in set(model.aliases.values()):
+            run_id = client.get_model_version(model.name, str(version)).run_id
+            if run_id:
+                runs.add(run_id)
+    return runs
+
+
+def plan_run_prefixes(
+    runs_uri: str,
+    tracking_uri: str,
+    *,
+    deleting: set[str],
+    protected_runs: set[str],
+    cutoff_ms: int,
+    experiments: list[str] | None = None,
+    s3: Any = None,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Bucket run prefixes ``<runs_uri>/<run key>/`` to delete, and why the others stay (module docstring).
+
+    Args:
+        runs_uri: ``s3://<bucket>/<prefix>runs`` (``tasks.storage.store_uri(bucket, prefix, "runs")``).
+        tracking_uri: the MLflow server whose runs carry the ``run_key`` tag.
+        deleting: run ids this gc deletes.
+        protected_runs: run ids behind model versions that stay.
+        cutoff_ms: only a prefix whose newest object is older than this (epoch ms) may go.
+        experiments: experiment names being pruned (None: all); a run elsewhere keeps its prefix.
+        s3: a boto3 S3 client (None: ``tasks.storage.client()``, the services' S3).
+
+    Returns:
+        ``(to delete, run key -> why kept)``.
+    """
+    from tasks.storage import client as storage_client
+    from tasks.storage import join, split_uri
+    from tasks.tracking import mlflow_client
+
+    bucket, root = split_uri(runs_uri.rstrip("/"))
+    root = root.rstrip("/") + "/"
+    s3 = s3 if s3 is not None else storage_client()
+    prefixes: dict[str, dict[str, Any]] = {}
+    for obj in _list_objects(s3, bucket, root):
+        key = obj["Key"][len(root) :].split("/", 1)[0]
+        entry = prefixes.setdefault(key, {"objects": 0, "bytes": 0, "newest": 0})
+        entry["objects"] += 1
+        entry["bytes"] += int(obj.get("Size", 0))
+        entry["newest"] = max(entry["newest"], int(obj["LastModified"].timestamp() * 1000))
+    if not prefixes:
+        return [], {}
+    client = mlflow_client(tracking_uri)
+    tagged = _tagged_runs(client)
+    protected = set(protected_runs) | _aliased_runs(client)
+    chosen = None
+    if experiments is not None:
+        chosen = {client.get_experiment_by_name(name).experiment_id for name in experiments}
+    out, kept = [], {}
+    for key, entry in sorted(prefixes.items()):
+        runs = tagged.get(key, [])
+        reasons = []
+        why_kept = None
+        for run in runs:
+            info = run.info
+            if info.run_id in protected:
+                why_kept = f"run {info.run_id} is behind a model version that stays"
+            elif chosen is not None and info.experiment_id not in chosen:
+                why_kept = f"run {info.run_id} is in an experiment this gc does not prune"
+            elif info.run_id in deleting:
+                reasons.append("run deleted by this gc")
+                continue
+            elif info.lifecycle_stage == "deleted":
+                reasons.append("run deleted")
+                continue
+            elif info.status in _LIVE:
+                why_kept = f"run {info.run_id} is {info.status}"
+            else:
+                reasons.append(f"run {info.status}")
+                continue
+            break
+        if why_kept is None and entry["newest"] >= cutoff_ms:
+            why_kept = f"written {_iso(entry['newest'])}, after the cutoff"
+        if why_kept is not None:
+            kept[key] = why_kept
+            continue
+        reason = ", ".join(sorted(set(reasons))) if reasons else "no MLflow run names it"
+        out.append({"uri": join(runs_uri, key), "run_key": key, "reason": reason, **entry})
+    return out, kept
+
+
+def delete_run_prefix(uri: str, *, newest_ms: int, s3: Any = None) -> int:
+    """Delete every object under ``<uri>/``, unless one was written after ``newest_ms`` (a resumed run).
+
+    Returns:
+        The number of objects deleted (0 when the prefix was left alone).
+    """
+    from tasks.storage import client as storage_client
+    from tasks.storage import split_uri
+
+    bucket, key = split_uri(uri)
+    s3 = s3 if s3 is not None else storage_client()
+    objects = _list_objects(s3, bucket, key.rstrip("/") + "/")
+    if any(int(o["LastModified"].timestamp() * 1000) > newest_ms for o in objects):
+        return 0
+    for start in range(0, len(objects), 1000):
+        batch = [{"Key": o["Key"]} for o in objects[start : start + 1000]]
+        answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        if answer.get("Errors"):
+            first = answer["Errors"][0]
+            raise RuntimeError(f"S3 refused to delete {first.get('Key')} under {uri}: {first.get('Message')}")
+    return len(objects)
+
+
 def plan_gc(
     *,
     tracking_uri: str | None,
@@ -304,8 +471,11 @@ def plan_gc(
     experiments: list[str] | None = None,
     models: list[str] | None = None,
     now_ms: int | None = None,
+    runs_uri: str | None = None,
+    s3: Any = None,
 ) -> GcPlan:
-    """The whole plan (see the module docstring); ``tracking_uri`` None leaves MLflow and work folders out."""
+    """The whole plan (see the module docstring); ``tracking_uri`` None leaves MLflow, work folders and the
+    bucket out; ``runs_uri`` (``s3://<bucket>/<prefix>runs``) None leaves the bucket's run prefixes out."""
     state = Path(state_dir)
     if tracking_uri is not None:
         plan = plan_mlflow(
@@ -314,6 +484,12 @@ def plan_gc(
         )  # fmt: skip
         deleting = {r["run_id"] for r in plan.runs} | {c for r in plan.runs for c in r["children"]}
         plan.work_dirs = plan_work_dirs(state / "work", tracking_uri, deleting)
+        if runs_uri is not None:
+            now = int(time.time() * 1000) if now_ms is None else now_ms
+            plan.run_prefixes, plan.kept_prefixes = plan_run_prefixes(
+                runs_uri, tracking_uri, deleting=deleting, protected_runs=plan.kept_version_runs,
+                cutoff_ms=now - int(older_than_days * DAY_MS), experiments=experiments, s3=s3,
+            )  # fmt: skip
     else:
         plan = GcPlan(cutoff="-")
     plan.logs = plan_log_rotation(state / "logs", log_max_bytes)
@@ -384,17 +560,19 @@ def _delete_artifacts(artifact_uri: str | None, tracking_uri: str) -> None:
     get_artifact_repository(artifact_uri, tracking_uri=tracking_uri).delete_artifacts()
 
 
-def apply_gc(plan: GcPlan, *, tracking_uri: str | None, log_keep: int = 3) -> dict[str, int]:
-    """Carry a plan out: delete versions (never one holding an alias), runs, work folders; rotate; compact.
+def apply_gc(plan: GcPlan, *, tracking_uri: str | None, log_keep: int = 3, s3: Any = None) -> dict[str, int]:
+    """Carry a plan out: delete versions (never one holding an alias), runs, work folders, bucket run prefixes;
+    rotate; compact.
 
     An alias is re-read just before each version is deleted: a version that gained an alias since the plan
-    was made is skipped, and so is its run.
+    was made is skipped, and so is its run (and its bucket prefix). A bucket prefix that received an object
+    after the plan was made (a rerun resuming there) is left alone.
 
     Returns:
         How many items of each kind were handled (``versions_skipped`` for versions that gained an alias).
     """
     done = {"versions": 0, "versions_skipped": 0, "runs": 0, "nested_runs": 0, "work_dirs": 0, "logs": 0,
-            "parquet_views": 0}  # fmt: skip
+            "parquet_views": 0, "run_prefixes": 0, "run_prefix_objects": 0}  # fmt: skip
     spared_runs: set[str] = set()
     if plan.versions or plan.runs:
         if tracking_uri is None:
@@ -435,6 +613,19 @@ def apply_gc(plan: GcPlan, *, tracking_uri: str | None, log_keep: int = 3) -> di
             continue
         shutil.rmtree(w["path"], ignore_errors=True)
         done["work_dirs"] += 1
+    spared_keys = set()
+    if spared_runs and plan.run_prefixes:
+        from tasks.tracking import mlflow_client
+
+        client = mlflow_client(tracking_uri)
+        spared_keys = {client.get_run(r).data.tags.get(RUN_KEY_TAG) for r in spared_runs}
+    for p in plan.run_prefixes:
+        if p["run_key"] in spared_keys:
+            continue
+        removed = delete_run_prefix(p["uri"], newest_ms=p["newest"], s3=s3)
+        if removed:
+            done["run_prefixes"] += 1
+            done["run_prefix_objects"] += removed
     for log in plan.logs:
         rotate_log(log["path"], keep=log_keep)
         done["logs"] += 1

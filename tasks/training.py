@@ -6,8 +6,10 @@ baseline), the model trains B/L batches on them with CEA in the forward pass (Eq
 is evaluated. The engine runs all L loops in one call; here each loop is its own task: ``train-loop`` for
 loop l resumes the engine from the checkpoint written at the end of loop l-1 (``resume=<file>``; the
 engine restores weights, optimizer, schedule and RNG, so the L tasks give exactly the single-call result)
-and stops it after loop l has written its checkpoint. A retried task starts again from loop l-1's
-checkpoint, never from a later one.
+and stops it after loop l has written its checkpoint (``stop_after_loop``, on every rank). A retried task
+starts again from loop l-1's checkpoint, never from a later one. With ``models.train_processes`` > 1 (the
+settings of the worker that runs the task) the loop runs data-parallel under torchrun on that worker
+(``tasks.train_process``, one process per GPU, gloo on CPU); rank 0 writes the files the task then uploads.
 
 Inputs come from Feast, not from re-running models: in ``head`` mode the frozen PVM's pool and test
 embeddings are the features (``read_embeddings``); the caption embeddings t_i feed CEA
@@ -53,10 +55,6 @@ from tasks.embeddings import GPU_TASK, feature_keys, get_pvm
 _LIBRARY_OBJECTIVE = {"ce": "cross_entropy", "one-vs-all": "one_vs_all", "class-weighted": "weighted_cross_entropy"}
 
 
-class _StopAfterLoop(Exception):
-    """Raised by the loop callback once the wanted loop has written its checkpoint."""
-
-
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything a loop task needs to call the engine exactly as the other loops did.
@@ -64,7 +62,7 @@ class TrainSpec:
     Attributes:
         data, models, objective, training: the flow parameters.
         ood_prompt: the caption suffix (selects which text embeddings feed CEA).
-        store_dir: the Feast store.
+        store: the Feast store spec (``tasks.features.store_spec``; a local store folder also works).
         run_uri: this run's state in the bucket, ``s3://<bucket>/<prefix>runs/<run key>`` (checkpoints, loop
             records, picks, model; see ``tasks.storage.run_key``).
         pool_manifest, test_manifest: the manifests of the pool and the held-out split.
@@ -81,7 +79,7 @@ class TrainSpec:
     objective: ObjectiveParams
     training: TrainingParams
     ood_prompt: str | None
-    store_dir: str
+    store: dict[str, Any] | str
     run_uri: str
     pool_manifest: str
     test_manifest: str
@@ -125,7 +123,7 @@ def _features(spec: TrainSpec, split: str, manifest: str) -> tuple[list[str], np
     keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
     ids, labels = _manifest_ids_labels(manifest)
     try:
-        _, emb, stored = read_embeddings(spec.store_dir, pvm=keys.pvm, split=None, ids=ids)
+        _, emb, stored = read_embeddings(spec.store, pvm=keys.pvm, split=None, ids=ids)
     except ValueError as exc:
         raise ValueError(f"{exc}; run the featurize flow for PVM {keys.pvm!r} first") from exc
     if not np.array_equal(stored, labels):
@@ -140,7 +138,7 @@ def _text(spec: TrainSpec, ids: list[str]) -> np.ndarray | None:
         return None
     keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
     try:
-        _, text = read_text_embeddings(spec.store_dir, encoder=keys.encoder, prompt_suffix=keys.prompt, ids=ids)
+        _, text = read_text_embeddings(spec.store, encoder=keys.encoder, prompt_suffix=keys.prompt, ids=ids)
     except ValueError as exc:
         raise ValueError(
             f"{exc}; run the caption and featurize flows with text encoder {keys.encoder!r} and prompt "
@@ -215,7 +213,50 @@ def _stored_loop(spec: TrainSpec, loop: int) -> dict[str, Any] | None:
     return out
 
 
-def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, callbacks: Any) -> Any:
+def spec_to_json(spec: TrainSpec) -> dict[str, Any]:
+    """A JSON-ready form of ``spec`` (:func:`spec_from_json` rebuilds it), for a process torchrun starts."""
+    out = {name: getattr(spec, name) for name in spec.__dataclass_fields__}
+    for name in ("data", "models", "objective", "training"):
+        out[name] = out[name].model_dump(mode="json")
+    out["class_names"] = list(spec.class_names)
+    return out
+
+
+def spec_from_json(payload: dict[str, Any]) -> TrainSpec:
+    """The :class:`TrainSpec` of :func:`spec_to_json`'s output."""
+    kinds = {"data": DataParams, "models": ModelParams, "objective": ObjectiveParams, "training": TrainingParams}
+    values = {**payload, **{k: cls.model_validate(payload[k]) for k, cls in kinds.items()}}
+    values["class_names"] = tuple(payload["class_names"])
+    return TrainSpec(**values)
+
+
+def train_processes(setting: int | None = None, *, batch_size: int | None = None) -> int:
+    """How many data-parallel processes a train-loop uses: ``models.train_processes`` of this worker's settings
+    (``setting`` when given); 0 means one per visible CUDA device (1 without).
+
+    Raises:
+        ValueError: ``batch_size`` does not split evenly over the processes (each takes B / W rows of a batch).
+    """
+    if setting is None:
+        from vecaf.settings import load_settings
+
+        setting = load_settings().models.train_processes
+    n = int(setting)
+    if n == 0:
+        import torch
+
+        n = max(1, torch.cuda.device_count())
+    if n < 1:
+        raise ValueError(f"models.train_processes must be >= 0, got {setting}")
+    if batch_size is not None and n > 1 and batch_size % n:
+        raise ValueError(
+            f"training.batch_size {batch_size} does not split evenly over models.train_processes={n} processes "
+            "(each takes an equal share of every batch); choose a multiple of the process count"
+        )
+    return n
+
+
+def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, stop_after_loop: int | None) -> Any:
     from vecaf.train import finetune
 
     t = spec.training
@@ -246,10 +287,64 @@ def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, callbacks
         num_classes=spec.num_classes,
         checkpoint_dir=_checkpoint_dir(spec),
         resume=resume,
-        callbacks=callbacks,
         return_model=True,
+        stop_after_loop=stop_after_loop,
         **start,
     )
+
+
+def save_final(spec: TrainSpec, inputs: dict[str, Any], result: Any) -> None:
+    """After the last loop: the whole network as ``<run dir>/model/`` (config + safetensors) and ``result.json``."""
+    from vecaf.models.classifier import classifier_config, save_classifier
+
+    if result is None or result.model is None:
+        raise RuntimeError("the engine returned no model after the last loop")
+    network = result.model.cpu().eval()
+    config = classifier_config(
+        inputs["pvm"], network, class_names=spec.class_names, mode=spec.training.mode, image_size=spec.data.image_size,
+    )  # fmt: skip
+    save_classifier(network, config, _run_dir(spec) / "model")
+    _write_json(_run_dir(spec) / "result.json", result.to_dict())
+
+
+def run_engine(spec: TrainSpec, loop: int, resume: Any, inputs: dict[str, Any] | None = None) -> None:
+    """Train loop ``loop`` in this process (one rank under torchrun): checkpoint, and after the last loop the
+    model and ``result.json``, in the run's cached folder (written by rank 0)."""
+    from vecaf.train import ddp
+
+    inputs = engine_inputs(spec) if inputs is None else inputs
+    last = loop == spec.training.loops - 1
+    result = _finetune(spec, inputs, resume=resume, stop_after_loop=None if last else loop)
+    if last and ddp.current_context().is_main:
+        save_final(spec, inputs, result)
+
+
+def run_engine_under_torchrun(spec: TrainSpec, loop: int, resume: Any, processes: int) -> str:
+    """Train loop ``loop`` with ``processes`` data-parallel processes (``torch.distributed.run --standalone``
+    on this machine, ``tasks.train_process`` in each); returns the tail of their output.
+
+    Every rank stops after the loop (the engine's ``stop_after_loop``), so all of them exit; a failing rank
+    makes torchrun stop the others.
+
+    Raises:
+        RuntimeError: torchrun exited non-zero (the tail of the ranks' output in the message).
+    """
+    import subprocess
+    import sys
+
+    run_dir = _run_dir(spec)
+    job = run_dir / f"train-loop-{loop + 1}.job.json"
+    job.write_text(json.dumps({"spec": spec_to_json(spec), "loop": loop, "resume": str(resume) if resume else False}))
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "tasks.train_process", str(job)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    tail = (done.stdout + done.stderr)[-4000:]
+    if done.returncode != 0:
+        raise RuntimeError(f"train-loop {loop + 1} under torchrun ({processes} processes) failed:\n{tail}")
+    return tail
 
 
 def _start_model(spec: TrainSpec, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -303,16 +398,19 @@ def _captions_of(spec: TrainSpec, ids: list[str]) -> list[str | None]:
 
     keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
     try:
-        _, captions = read_captions(spec.store_dir, captioner=keys.captioner, prompt_suffix=keys.prompt, ids=ids)
+        _, captions = read_captions(spec.store, captioner=keys.captioner, prompt_suffix=keys.prompt, ids=ids)
     except ValueError:
         return [None] * len(ids)
     return list(captions)
 
 
-def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
+def train_loop(spec: TrainSpec, loop: int, *, processes: int | None = None) -> dict[str, Any]:
     """Run loop ``loop`` (0-based) of the engine from loop ``loop - 1``'s checkpoint and store its files.
 
-    A loop already stored under the run's prefix is not trained again (see the module docstring).
+    A loop already stored under the run's prefix is not trained again (see the module docstring). With more
+    than one process (``processes``, default ``models.train_processes`` of this worker's settings) the engine
+    runs data-parallel under torchrun (:func:`run_engine_under_torchrun`); the result equals one process's up
+    to float rounding (``vecaf.train.ddp``).
 
     Returns:
         ``{"loop" (1-based), "top1", "test_loss", "train_loss", "budget", "batches", "end_batches", "record",
@@ -340,17 +438,12 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
                 f"loop {loop + 1} needs loop {loop}'s checkpoint: {exc}; run the loops in order"
             ) from exc
     last = loop == t.loops - 1
-
-    def on_loop_end(record: Any) -> None:
-        if record.loop == loop and not last:
-            raise _StopAfterLoop
-
+    n = train_processes(processes, batch_size=t.batch_size)
     inputs = engine_inputs(spec)
-    result = None
-    try:
-        result = _finetune(spec, inputs, resume=resume, callbacks={"on_loop_end": on_loop_end})
-    except _StopAfterLoop:
-        pass
+    if n > 1:
+        run_engine_under_torchrun(spec, loop, resume, n)
+    else:
+        run_engine(spec, loop, resume, inputs)
     ckpt = checkpoint_path(_checkpoint_dir(spec), loop)
     state = load_checkpoint(ckpt)
     rec = state["records"][-1]
@@ -412,23 +505,11 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
         "resumed": False,
     }
     if last:
-        if result is None or result.model is None:
-            raise RuntimeError("the engine returned no model after the last loop")
-        from vecaf.models.classifier import classifier_config, save_classifier
-
-        model_path = run_dir / "model"
-        network = result.model.cpu().eval()
-        config = classifier_config(
-            inputs["pvm"], network, class_names=spec.class_names, mode=spec.training.mode,
-            image_size=spec.data.image_size,
-        )  # fmt: skip
-        save_classifier(network, config, model_path)
         result_path = run_dir / "result.json"
-        _write_json(result_path, result.to_dict())
         out.update(
-            model=put_folder(model_path, join(spec.run_uri, "model")),
+            model=put_folder(run_dir / "model", join(spec.run_uri, "model")),
             result=put_file(result_path, join(spec.run_uri, "result.json")),
-            final_top1=float(result.top1),
+            final_top1=float(json.loads(result_path.read_text())["final"]["top1"]),
         )
     _write_json(record_path, record)
     put_file(record_path, out["record"])  # last: its presence marks the loop complete
@@ -492,7 +573,7 @@ def compute_losses(spec: TrainSpec, loop: int, model_version: str) -> dict[str, 
     loss_fn = make_objective(spec.objective)
     losses = loss_fn(torch.from_numpy(logits).double(), torch.from_numpy(inputs["pool_labels"]))
     losses = losses.detach().cpu().numpy().astype(np.float32)
-    path = write_sample_losses(spec.store_dir, inputs["pool_ids"], losses, model_version=model_version, loop=loop + 1)
+    path = write_sample_losses(spec.store, inputs["pool_ids"], losses, model_version=model_version, loop=loop + 1)
     return {"loop": loop + 1, "n": int(losses.size), "mean": float(losses.mean()), "path": path}
 
 

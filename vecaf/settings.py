@@ -33,6 +33,13 @@ class ModelSettings(BaseModel):
     device: str = Field("auto", description="'auto' picks CUDA when present, else CPU.")
     batch_size: int = Field(64, gt=0)
     num_workers: int = Field(0, ge=0)
+    train_processes: int = Field(
+        1,
+        ge=0,
+        description="Data-parallel processes of each train-loop task (torchrun on the worker that runs it): 1 runs "
+        "the engine in the task's own process; N > 1 starts N (gloo on CPU, NCCL on CUDA, one GPU each); 0 = one per "
+        "visible CUDA device (1 without).",
+    )
 
 
 class DeploySettings(BaseModel):

@@ -166,7 +166,7 @@ def test_feast_serves_online_features_for_selected_ids(pipeline):
     ids = picks["image_id"].tolist()[:5]
     features = ["image_embeddings:embedding", "image_embeddings:label", "captions:caption", "sample_losses:loss",
                 "sample_losses:model_version"]  # fmt: skip
-    online = online_features(rt.store_dir, ids, features=features)
+    online = online_features(rt.feature_store, ids, features=features)
     assert online["image_id"] == ids
     assert all(len(e) == 1280 for e in online["image_embeddings__embedding"])
     assert online["image_embeddings__label"] == picks["label"].tolist()[:5]
@@ -174,7 +174,7 @@ def test_feast_serves_online_features_for_selected_ids(pipeline):
     assert all(v for v in online["sample_losses__model_version"])  # this run's id, or a later run's on this pool
     from tasks.features import read_losses
 
-    _, losses = read_losses(rt.store_dir, model_version=run_id, loop=1, ids=ids)  # the offline history
+    _, losses = read_losses(rt.feature_store, model_version=run_id, loop=1, ids=ids)  # the offline history
     assert losses.shape == (5,) and np.isfinite(losses).all()
     assert all(np.isfinite(v) for v in online["sample_losses__loss"])
 

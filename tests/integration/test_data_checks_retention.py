@@ -124,7 +124,7 @@ def test_gc_dry_run_lists_and_apply_deletes_only_what_is_expected(env, history, 
     client.set_registered_model_alias(h["model"], "challenger", "2")
     done = apply_gc(plan, tracking_uri=env.mlflow_url, log_keep=2)
     assert done == {"versions": 1, "versions_skipped": 1, "runs": 3, "nested_runs": 1, "work_dirs": 3, "logs": 1,
-                    "parquet_views": 1}  # fmt: skip
+                    "parquet_views": 1, "run_prefixes": 0, "run_prefix_objects": 0}  # fmt: skip
     deleted = {runs[4], runs[1], runs[0], h["child"]}
     for run_id in [*runs, h["child"], h["recent"], h["running"]]:
         info = client.get_run(run_id).info

@@ -314,3 +314,115 @@ def test_unreachable_sql_registry_names_the_registry_and_the_url(tmp_path: Path,
     spec = tf.store_spec(_settings(tmp_path, registry=f"postgresql://postgres:pw@127.0.0.1:{port}/nope"))
     with pytest.raises(ConnectionError, match=rf"SQL registry at postgresql\+psycopg://postgres:\*\*\*@127.0.0.1:{port}"):
         tf.open_store(spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline's own flows on the user's store: Redis online, Parquet on S3, the user's feature_store.yaml
+
+
+@pytest.mark.slow
+def test_flows_write_and_serve_through_the_users_redis_and_s3_store(
+    stack, tmp_path: Path, project: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+):
+    """caption -> featurize -> finetune, in this process, with only the settings naming the store.
+
+    The S3 keys are not in the AWS variables (removed) but in ``VECAF_SERVICES__S3_*``: the Parquet I/O finds
+    them through the services settings where the store is opened, as a worker given only those would.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.caption import caption
+    from flows.featurize import featurize
+    from flows.finetune import finetune
+    from flows.params import DataParams, ModelParams, RegistryParams, TrainingParams
+    from flows.runtime import runtime
+    from tasks.embeddings import feature_keys
+
+    for key, value in stack.env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("VECAF_SERVICES__S3_ACCESS_KEY", stack.access_key)
+    monkeypatch.setenv("VECAF_SERVICES__S3_SECRET_KEY", stack.secret_key)
+    state = tmp_path / "state"
+    monkeypatch.setenv("VECAF_STACK__STATE_DIR", str(state))
+    monkeypatch.chdir(tmp_path)
+    user = _user_yaml(tmp_path / "repo", project)
+    before = user.read_bytes()
+    prefix = f"feast-{uuid.uuid4().hex[:10]}/data"
+    monkeypatch.setenv("VECAF_FEAST__REPO_CONFIG", str(user))
+    monkeypatch.setenv("VECAF_FEAST__OFFLINE_PATH", f"s3://{stack.bucket}/{prefix}")
+
+    data = DataParams(dataset="digits", pool_size=60, test_size=30, image_size=32, shard_size=30)
+    training = TrainingParams(ratio=0.05, loops=2, batch_budget=4, batch_size=8, lr=0.05, init="base")
+    registry = RegistryParams(experiment="vecaf-test-feast", model_name=f"vecaf-test-feast-{project}")
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+        captioned = caption(data=data)
+        featurized = featurize(data=data)
+        tuned = finetune(data=data, training=training, registry=registry)
+    assert captioned["new"] == 60 and len(captioned["shards"]) == 2
+    assert featurized["image"]["new"] == 90 and featurized["text"]["new"] == 60
+    assert featurized["materialized"] == ["image_embeddings", "captions", "text_embeddings"]
+
+    spec = runtime().feature_store
+    assert spec["offline_path"] == f"s3://{stack.bucket}/{prefix}" and spec["s3"]["keys"] == "services"
+    listed = stack.s3_client().list_objects_v2(Bucket=stack.bucket, Prefix=prefix + "/")["Contents"]
+    files: dict[str, int] = {}
+    for obj in listed:
+        view = obj["Key"][len(prefix) + 1 :].split("/")[0]
+        files[view] = files.get(view, 0) + 1
+    # one Parquet object per shard (2 pool + 1 test image shards), per loop for the losses
+    assert files == {"captions": 2, "image_embeddings": 3, "text_embeddings": 2, "sample_losses": 2}
+
+    keys = feature_keys(ModelParams(), data, None)
+    pool_ids, pool_emb, _ = tf.read_embeddings(spec, pvm=keys.pvm, split=data.train_split)
+    test_ids, _, _ = tf.read_embeddings(spec, pvm=keys.pvm, split=data.test_split)
+    _, captions = tf.read_captions(spec, captioner=keys.captioner, ids=pool_ids)
+    _, losses = tf.read_losses(spec, model_version=tuned["run_id"], loop=2, ids=pool_ids)
+    assert len(pool_ids) == 60 and len(test_ids) == 30
+
+    stored = _redis_keys(redis_client, project)
+    assert len(stored) == len(set(pool_ids) | set(test_ids))  # one hash per image, in the user's Redis
+    fields = set().union(*(redis_client.hkeys(k) for k in stored))
+    assert {b"_ts:image_embeddings", b"_ts:captions", b"_ts:text_embeddings", b"_ts:sample_losses"} <= fields
+    wanted = [str(pool_ids[5]), str(pool_ids[41])]
+    online = tf.online_features(
+        spec, wanted, features=["image_embeddings:embedding", "captions:caption", "sample_losses:loss"]
+    )
+    np.testing.assert_array_equal(np.asarray(online["image_embeddings__embedding"], np.float32), pool_emb[[5, 41]])
+    assert online["captions__caption"] == [captions[5], captions[41]]
+    np.testing.assert_allclose(online["sample_losses__loss"], losses[[5, 41]], rtol=1e-6)
+
+    assert user.read_bytes() == before
+    assert (tmp_path / "repo" / "registry" / "registry.db").is_file()
+    feast_dir = state / "feast"
+    assert not (feast_dir / "online.db").exists() and not (feast_dir / "feature_store.yaml").exists()
+    assert not list(tmp_path.rglob("s3:")) and not list(feast_dir.rglob("*.parquet"))
+
+
+def test_a_flow_with_an_unknown_store_type_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """runtime() is the first call of every flow: a bad Feast config stops it there, nothing written."""
+    from flows.runtime import runtime
+
+    path = tmp_path / "repo" / "feature_store.yaml"
+    path.parent.mkdir()
+    path.write_text("project: p\nprovider: local\nonline_store:\n  type: dynamodb\n")
+    before = path.read_bytes()
+    monkeypatch.setenv("VECAF_STACK__STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("VECAF_FEAST__REPO_CONFIG", str(path))
+    with pytest.raises(ValueError, match=r"online_store.type 'dynamodb' is not supported .* \['redis', 'sqlite'\]"):
+        runtime()
+    assert path.read_bytes() == before and not (tmp_path / "state").exists()
+
+
+def test_the_store_folders_own_feature_store_yaml_is_the_default_spec(tmp_path: Path):
+    """No feast.* field set: a feature_store.yaml already in stack.feast_dir is used as is; fields win over it."""
+    folder = tmp_path / "state" / "feast"
+    assert "type: sqlite" in tf.store_spec(_settings(tmp_path))["feature_store_yaml"]  # nothing there: the default
+    path = _user_yaml(folder, "mine")
+    before = path.read_bytes()
+    spec = tf.store_spec(_settings(tmp_path))
+    assert spec["feature_store_yaml"] == before.decode() and spec["repo_dir"] == str(folder.resolve())
+    rendered = tf.store_spec(_settings(tmp_path, online_store="redis", redis_url=REDIS_URL))["feature_store_yaml"]
+    assert "project: vecaf" in rendered and "registry.db" in rendered
+    assert path.read_bytes() == before

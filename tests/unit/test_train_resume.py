@@ -165,3 +165,23 @@ def test_rng_state_round_trip():
     assert torch.equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
     assert first[2] == second[2]
+
+
+def test_stop_after_loop_then_resume_loop_by_loop_is_bit_exact(data, tmp_path):
+    """One call per loop (what each train-loop task does): stop after loop l, resume from its checkpoint."""
+    full = finetune(None, data["train_feats"], data["test_feats"], checkpoint_dir=tmp_path / "a", **HEAD_RUN)
+    resume: bool | Path = False
+    for loop in range(HEAD_RUN["loops"]):
+        last = loop == HEAD_RUN["loops"] - 1
+        part = finetune(None, data["train_feats"], data["test_feats"], checkpoint_dir=tmp_path / "b", resume=resume,
+                        stop_after_loop=None if last else loop, **HEAD_RUN)  # fmt: skip
+        assert [r.loop for r in part.loops] == list(range(loop + 1))
+        assert latest_checkpoint(tmp_path / "b") == tmp_path / "b" / f"loop-{loop + 1}.pt"
+        resume = tmp_path / "b" / f"loop-{loop + 1}.pt"
+    _assert_same_run(full, part)
+
+
+@pytest.mark.parametrize("value", [-1, 3, 1.0, True])
+def test_stop_after_loop_must_be_a_loop_index(data, value):
+    with pytest.raises(ValueError, match=r"stop_after_loop must be a loop index in 0..2 or None"):
+        finetune(None, data["train_feats"], data["test_feats"], stop_after_loop=value, **HEAD_RUN)

@@ -259,6 +259,7 @@ def finetune(
     selection_options: Mapping[str, Any] | None = None,
     callbacks: Any = None,
     return_model: bool = True,
+    stop_after_loop: int | None = None,
 ) -> FinetuneResult:
     """Finetune a classifier in L loops of active selection + training under a fixed batch budget.
 
@@ -331,6 +332,8 @@ def finetune(
         callbacks: objects or mappings with ``on_eval(EvalPoint)`` and/or ``on_loop_end(LoopRecord)``,
             called on rank 0 only.
         return_model: put the trained model in the result.
+        stop_after_loop: return after loop l (0-based) has written its checkpoint, on every DDP rank (a caller
+            that runs one loop per call resumes the next call from that checkpoint). None: run all L loops.
 
     Returns:
         A :class:`FinetuneResult`.
@@ -366,6 +369,11 @@ def finetune(
         raise ValueError(f"replay must lie in [0, 1), got {replay}")
     if replay > 0 and cumulative:
         raise ValueError("replay is for the per-loop protocol: pass cumulative=False with replay > 0")
+    if stop_after_loop is not None and (
+        isinstance(stop_after_loop, bool) or not isinstance(stop_after_loop, (int, np.integer))
+        or not 0 <= stop_after_loop < loops
+    ):
+        raise ValueError(f"stop_after_loop must be a loop index in 0..{loops - 1} or None, got {stop_after_loop!r}")
     if resume and checkpoint_dir is None and not isinstance(resume, (str, Path)):
         raise ValueError("resume=True needs checkpoint_dir (or pass the checkpoint file as resume=path)")
 
@@ -455,6 +463,7 @@ def finetune(
             selection_options=dict(selection_options or {}),
             callbacks=_Callbacks(callbacks),
             return_model=bool(return_model),
+            stop_after_loop=None if stop_after_loop is None else int(stop_after_loop),
             ctx=ctx,
             image_size=image_size,
         )
@@ -531,6 +540,7 @@ class _Run:
     freeze_bn: bool
     callbacks: _Callbacks
     return_model: bool
+    stop_after_loop: int | None
     ctx: ddp.DistContext
     # the run's state
     notes: list[str] = field(default_factory=list, init=False)
@@ -991,6 +1001,8 @@ class _Run:
             self._save(loop)
             if self.ctx.is_main:
                 self.callbacks.emit("on_loop_end", record)
+            if self.stop_after_loop is not None and loop >= self.stop_after_loop:
+                break  # every rank leaves here, after the same checkpoint barrier
         if not self.curve or self.curve[-1].batches != self.step:
             self._evaluate(len(self.per_loop) - 1)
         self.timings["total"] = elapsed_before + time.perf_counter() - t_start
