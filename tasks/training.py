@@ -49,6 +49,7 @@ from prefect import get_run_logger, task
 from flows.params import DataParams, ModelParams, ObjectiveParams, TrainingParams
 from tasks.data import load_split, read_manifest
 from tasks.embeddings import GPU_TASK, feature_keys, get_pvm
+from tasks.progress import LoopProgress
 
 _LIBRARY_OBJECTIVE = {"ce": "cross_entropy", "one-vs-all": "one_vs_all", "class-weighted": "weighted_cross_entropy"}
 
@@ -327,7 +328,9 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
     if not 0 <= loop < t.loops:
         raise ValueError(f"loop must be in 0..{t.loops - 1}, got {loop}")
     stored = _stored_loop(spec, loop)
+    progress = LoopProgress(t.loops, t.batch_budget, loop)
     if stored is not None:
+        progress.stored(stored["end_batches"])
         return stored
     run_dir = _run_dir(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -348,7 +351,7 @@ def train_loop(spec: TrainSpec, loop: int) -> dict[str, Any]:
     inputs = engine_inputs(spec)
     result = None
     try:
-        result = _finetune(spec, inputs, resume=resume, callbacks={"on_loop_end": on_loop_end})
+        result = _finetune(spec, inputs, resume=resume, callbacks=[progress, {"on_loop_end": on_loop_end}])
     except _StopAfterLoop:
         pass
     ckpt = checkpoint_path(_checkpoint_dir(spec), loop)
