@@ -163,6 +163,10 @@ class DataParams(HeldOutParams):
         description="Images per captioning/embedding task.",
     )
 
+    def held_out(self) -> HeldOutParams:
+        """The part promotion uses (what the ``promote`` flow takes)."""
+        return HeldOutParams(**self.model_dump(include=set(HeldOutParams.model_fields)))
+
 
 class ModelParams(_Params):
     """The pretrained models (Sec. 3.2): PVM, captioner, text encoder."""
@@ -416,6 +420,10 @@ class RegistryParams(PromotionParams):
         description="Run the promotion flow after finetuning (vecaf-pipeline).",
     )
 
+    def promotion(self) -> PromotionParams:
+        """The part promotion uses (what the ``promote`` flow takes)."""
+        return PromotionParams(**self.model_dump(include=set(PromotionParams.model_fields)))
+
 
 class PipelineParams(_Params):
     """All parameters of ``vecaf-pipeline`` in one object (what ``vecaf run`` and the demo build)."""
@@ -502,12 +510,13 @@ def checked(model: type[M], value: Any) -> M:
 
 
 def one_line_errors(exc: ValidationError) -> str:
-    """A pydantic ``ValidationError`` as ``loc: message; loc: message`` on one line."""
+    """A pydantic ``ValidationError`` as ``loc: message; loc: message`` on one line (a rule between groups
+    has no ``loc``: its message alone)."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "parameters"
+        loc = ".".join(str(x) for x in err.get("loc", ()))
         message = " ".join(str(err.get("msg", "")).split()).removeprefix("Value error, ")
-        parts.append(f"{loc}: {message}")
+        parts.append(f"{loc}: {message}" if loc else message)
     return "; ".join(parts)
 
 

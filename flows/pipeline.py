@@ -99,7 +99,7 @@ def vecaf_pipeline(
             data=data, models=models, ood_prompt=ood_prompt, objective=objective, training=training, registry=registry
         )
         progress.advance()
-        decision = promote(data=data, registry=registry, device=models.device) if registry.promote else None
+        decision = promote(data=data.held_out(), registry=registry.promotion(), device=models.device) if registry.promote else None
         progress.advance() if registry.promote else None
     info = flow_run_info()
     version = str(tuned["model"]["version"])
