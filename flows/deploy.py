@@ -45,7 +45,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.fanout import CAPTION_SHARD_DEPLOYMENT, EMBED_SHARD_DEPLOYMENT
 from vecaf.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +56,9 @@ PROMOTE_DEPLOYMENT = "manual"
 """Promotion or rollback started by hand (``vecaf promote``, the UI)."""
 STEP_DEPLOYMENT = "standalone"
 """One step of the pipeline run alone."""
+FAN_OUT_DEPLOYMENT = "fan-out"
+"""One shard, started by a caption or featurize run (``tasks.fanout.CAPTION_SHARD_DEPLOYMENT`` and
+``EMBED_SHARD_DEPLOYMENT`` name these; a test keeps them equal)."""
 SANDBOX_MODEL = "vecaf-sandbox"
 SANDBOX_EXPERIMENT = "vecaf-experiments"
 DEFAULT_CRON = "0 3 * * *"
@@ -83,8 +85,8 @@ DEPLOYMENT_NAMES: dict[str, tuple[str, ...]] = {
     "caption": (STEP_DEPLOYMENT,),
     "featurize": (STEP_DEPLOYMENT,),
     "finetune": (STEP_DEPLOYMENT,),
-    "caption-shard": (CAPTION_SHARD_DEPLOYMENT.split("/")[1],),
-    "embed-shard": (EMBED_SHARD_DEPLOYMENT.split("/")[1],),
+    "caption-shard": (FAN_OUT_DEPLOYMENT,),
+    "embed-shard": (FAN_OUT_DEPLOYMENT,),
 }
 """The deployments of each flow (``<flow>/<name>``), the first one the flow's main deployment."""
 
@@ -104,8 +106,8 @@ DEPLOYMENT_DESCRIPTIONS = {
     f"caption/{STEP_DEPLOYMENT}": "Captions of a pool (one step of the pipeline, run alone).",
     f"featurize/{STEP_DEPLOYMENT}": "Embeddings of a pool and its captions into Feast (one step, run alone).",
     f"finetune/{STEP_DEPLOYMENT}": "The VeCAF loops alone, tracked in MLflow; registers @challenger (one step).",
-    CAPTION_SHARD_DEPLOYMENT: "Internal: one shard of captions (fan-out unit of caption).",
-    EMBED_SHARD_DEPLOYMENT: "Internal: one shard of embeddings (fan-out unit of featurize).",
+    f"caption-shard/{FAN_OUT_DEPLOYMENT}": "Internal: one shard of captions (fan-out unit of caption).",
+    f"embed-shard/{FAN_OUT_DEPLOYMENT}": "Internal: one shard of embeddings (fan-out unit of featurize).",
 }
 
 

@@ -582,3 +582,15 @@ def test_checked_parameters_fail_with_one_line(value, message):
     assert str(refused.value) == message
     assert "\n" not in str(refused.value)
     assert checked(PipelineParams, PipelineParams().flow_parameters()) == PipelineParams()
+
+
+def test_deployment_names_are_distinct_and_the_fan_out_finds_its_shards():
+    from flows.deploy import _ENTRYPOINTS, DEPLOYMENT_DESCRIPTIONS, DEPLOYMENT_NAMES
+    from tasks.fanout import CAPTION_SHARD_DEPLOYMENT, EMBED_SHARD_DEPLOYMENT
+
+    names = [f"{flow}/{name}" for flow, variants in DEPLOYMENT_NAMES.items() for name in variants]
+    assert set(DEPLOYMENT_NAMES) == set(_ENTRYPOINTS)
+    assert {CAPTION_SHARD_DEPLOYMENT, EMBED_SHARD_DEPLOYMENT} <= set(names)
+    assert "vecaf-pipeline/production" in names and "promote/manual" in names
+    assert not any(n.endswith("/on-demand") for n in names)
+    assert set(DEPLOYMENT_DESCRIPTIONS) == set(names)  # every deployment explains itself in the UI
