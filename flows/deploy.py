@@ -441,7 +441,8 @@ def trigger(
 
     with prefect_api(settings):
         try:
-            run = run_deployment(name=deployment, parameters=dict(parameters or {}), timeout=0)
+            # _sync: a sync caller inside a running event loop (a notebook, Playwright) still gets the run
+            run = run_deployment(name=deployment, parameters=dict(parameters or {}), timeout=0, _sync=True)
         except PrefectHTTPStatusError as exc:
             detail = exc.response.text if exc.response is not None else str(exc)
             raise ValueError(f"Prefect refused a run of {deployment}: {detail}") from exc

@@ -209,7 +209,9 @@ def test_pipeline_run_carries_the_summary_artifact(run, page):
     assert {"vecaf-pipeline-summary", "mlflow-run", "pipeline-progress"} <= keys, keys
     prefect_login(page, run, run.flow_run_url)
     see(page, page.get_by_text("Artifacts", exact=True), "prefect-artifacts-tab").click()
-    see(page, page.get_by_text("vecaf-pipeline-summary"), "prefect-run-artifacts")
+    # the run's own artifacts (progress) come first; the task runs' ones (the summary) load when scrolled to
+    see(page, page.get_by_text("Task runs", exact=True), "prefect-run-artifacts").scroll_into_view_if_needed()
+    see(page, page.get_by_text("vecaf-pipeline-summary"), "prefect-run-artifacts").scroll_into_view_if_needed()
     shot(page, "prefect-run-artifacts")
     summary = next(a for a in arts if a.key == "vecaf-pipeline-summary")
     page.goto(f"{run.prefect_ui}/artifacts/artifact/{summary.id}")
