@@ -29,7 +29,8 @@ so a caller of ``create_flow_run`` cannot make a worker run something else (issu
 
 It also sets the tag concurrency limit ``gpu`` (default 1): tasks that run a model carry that tag, so at
 most that many run at once, whichever flow runs them (set it to the number of accelerators of the pools).
-Everything is idempotent: deploying again updates the deployments and templates in place.
+Everything is idempotent: deploying again updates the deployments and templates in place, and deletes the
+deployments earlier versions registered under retired names (``on-demand``, ``recurring-finetune``).
 
 ``trigger`` creates a flow run of a deployment (the Prefect server validates the parameters against the
 flow's schema first, so an out-of-range value is refused before any run exists) and can wait for it.
@@ -59,6 +60,9 @@ STEP_DEPLOYMENT = "standalone"
 FAN_OUT_DEPLOYMENT = "fan-out"
 """One shard, started by a caption or featurize run (``tasks.fanout.CAPTION_SHARD_DEPLOYMENT`` and
 ``EMBED_SHARD_DEPLOYMENT`` name these; a test keeps them equal)."""
+RETIRED_DEPLOYMENTS = ("recurring-finetune", "on-demand")
+"""Names earlier versions registered (``vecaf-pipeline/recurring-finetune``, ``<flow>/on-demand``): ``deploy``
+deletes them from this project's flows, so the UI lists each deployment once, under its current name."""
 SANDBOX_MODEL = "vecaf-sandbox"
 SANDBOX_EXPERIMENT = "vecaf-experiments"
 DEFAULT_CRON = "0 3 * * *"
@@ -406,7 +410,29 @@ def deploy(
                     )
                 close_deployment_parameters(dep_id)
                 out[f"{name}/{deployment}"] = str(dep_id)
+            retire_deployments(name)
     return out
+
+
+def retire_deployments(flow_name: str) -> list[str]:
+    """Delete the deployments of ``flow_name`` registered under a :data:`RETIRED_DEPLOYMENTS` name (current API).
+
+    Returns:
+        The ``"<flow>/<name>"`` deleted.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deleted = []
+    with get_client(sync_client=True) as client:
+        for old in RETIRED_DEPLOYMENTS:
+            try:
+                found = client.read_deployment_by_name(f"{flow_name}/{old}")
+            except ObjectNotFound:
+                continue
+            client.delete_deployment(found.id)
+            deleted.append(f"{flow_name}/{old}")
+    return deleted
 
 
 def trigger(
