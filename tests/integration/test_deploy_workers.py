@@ -324,6 +324,9 @@ def test_two_workers_share_the_shards_of_one_featurize_run(env, tmp_path: Path, 
     )
     workers = {s["worker"] for s in summaries}
     assert workers == {worker_name(env.settings), second}, workers
+    from infra.progress import read_progress
+
+    assert read_progress(run.id) == {"embed-progress": (100.0, "embed: 6/6 shards")}  # moved as shard runs ended
     waits = [(r.start_time - r.created).total_seconds() for r in shards]
     runs_s = [r.total_run_time.total_seconds() for r in shards]
 
