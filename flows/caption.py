@@ -20,6 +20,7 @@ from flows.runtime import runtime
 from tasks.captions import caption_shard_task
 from tasks.data import load_dataset_task, shard_bounds
 from tasks.fanout import CAPTION_SHARD_DEPLOYMENT, fan_out_deployment, publish_shard_summary_task, run_shard_flows_task
+from tasks.progress import track_shards
 
 
 @flow(name="caption", description="Caption every pool image (captioner + OOD suffix) into the Feast captions view.")
@@ -53,6 +54,7 @@ def caption(
             ],
         )  # fmt: skip
     else:
+        (bounds,) = track_shards("caption", bounds)
         shards = [
             caption_shard_task(data, models, prompt, start, stop, rt.feature_store, rt.allow_hub) for start, stop in bounds
         ]

@@ -3,15 +3,21 @@
 ``deploy`` registers every flow from ``deploy.source`` (default: this checkout's folder, so a worker on this
 machine runs the code in place; or a git URL at ``deploy.branch``; or an ``s3://`` copy of the repository):
 
-- ``vecaf-pipeline/recurring-finetune``: caption -> featurize -> finetune -> promote on cron ``0 3 * * *``
-  (UTC), with the pipeline's default parameters or those given;
+- ``vecaf-pipeline/production``: caption -> featurize -> finetune -> promote on cron ``0 3 * * *`` (UTC),
+  registering into the production model, with the pipeline's default parameters or those given (what
+  ``vecaf run`` triggers);
 - ``vecaf-pipeline/experiment``: the same pipeline for one-off runs (the UI's "Custom run"), no schedule;
   its defaults register into the sandbox model ``vecaf-sandbox`` in experiment ``vecaf-experiments`` with
   promotion off, so a trial never becomes the production model's "latest version" or ``@challenger``;
-- ``promote/on-demand``: promotion alone, no schedule;
-- ``caption/on-demand``, ``featurize/on-demand``, ``finetune/on-demand``: each step alone, no schedule;
-- ``caption-shard/on-demand``, ``embed-shard/on-demand``: one shard of captions / embeddings, the unit a
+- ``promote/manual``: promotion (or a rollback) started by hand, no schedule; its form holds only what
+  promotion uses (held-out data, model name, margin, device);
+- ``caption/standalone``, ``featurize/standalone``, ``finetune/standalone``: each step alone, no schedule;
+- ``caption-shard/fan-out``, ``embed-shard/fan-out``: one shard of captions / embeddings, the unit a
   deployed caption or featurize run fans out to the pool's workers (``tasks/fanout.py``).
+
+Every deployment stores its flow's defaults as its parameters and the form schema of
+``flows.params.form_schema`` (fields with defaults required, so the UI shows no "(Optional)"; ranges and
+defaults in the descriptions; unknown keys refused), with ``enforce_parameter_schema`` on.
 
 Flows named in ``deploy.gpu_flows`` (finetune, the pipeline) go to ``deploy.gpu_pool``, the others to
 ``deploy.cpu_pool`` (both default to ``stack.work_pool``, the local stack's ``process`` pool). Before anything
@@ -23,7 +29,8 @@ so a caller of ``create_flow_run`` cannot make a worker run something else (issu
 
 It also sets the tag concurrency limit ``gpu`` (default 1): tasks that run a model carry that tag, so at
 most that many run at once, whichever flow runs them (set it to the number of accelerators of the pools).
-Everything is idempotent: deploying again updates the deployments and templates in place.
+Everything is idempotent: deploying again updates the deployments and templates in place, and deletes the
+deployments earlier versions registered under retired names (``on-demand``, ``recurring-finetune``).
 
 ``trigger`` creates a flow run of a deployment (the Prefect server validates the parameters against the
 flow's schema first, so an out-of-range value is refused before any run exists) and can wait for it.
@@ -42,12 +49,22 @@ from typing import Any
 from vecaf.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_DEPLOYMENT = "recurring-finetune"
+PIPELINE_DEPLOYMENT = "production"
+"""The scheduled pipeline: production model, promotion on (``vecaf run`` triggers it)."""
 EXPERIMENT_DEPLOYMENT = "experiment"
 """The pipeline for one-off runs from the UI: sandbox model name and experiment, promotion off by default."""
+PROMOTE_DEPLOYMENT = "manual"
+"""Promotion or rollback started by hand (``vecaf promote``, the UI)."""
+STEP_DEPLOYMENT = "standalone"
+"""One step of the pipeline run alone."""
+FAN_OUT_DEPLOYMENT = "fan-out"
+"""One shard, started by a caption or featurize run (``tasks.fanout.CAPTION_SHARD_DEPLOYMENT`` and
+``EMBED_SHARD_DEPLOYMENT`` name these; a test keeps them equal)."""
+RETIRED_DEPLOYMENTS = ("recurring-finetune", "on-demand")
+"""Names earlier versions registered (``vecaf-pipeline/recurring-finetune``, ``<flow>/on-demand``): ``deploy``
+deletes them from this project's flows, so the UI lists each deployment once, under its current name."""
 SANDBOX_MODEL = "vecaf-sandbox"
 SANDBOX_EXPERIMENT = "vecaf-experiments"
-ON_DEMAND = "on-demand"
 DEFAULT_CRON = "0 3 * * *"
 GPU_TAG = "gpu"
 
@@ -66,6 +83,17 @@ _ENTRYPOINTS = {
 }
 
 
+DEPLOYMENT_NAMES: dict[str, tuple[str, ...]] = {
+    "vecaf-pipeline": (PIPELINE_DEPLOYMENT, EXPERIMENT_DEPLOYMENT),
+    "promote": (PROMOTE_DEPLOYMENT,),
+    "caption": (STEP_DEPLOYMENT,),
+    "featurize": (STEP_DEPLOYMENT,),
+    "finetune": (STEP_DEPLOYMENT,),
+    "caption-shard": (FAN_OUT_DEPLOYMENT,),
+    "embed-shard": (FAN_OUT_DEPLOYMENT,),
+}
+"""The deployments of each flow (``<flow>/<name>``), the first one the flow's main deployment."""
+
 DEPLOYMENT_DESCRIPTIONS = {
     f"vecaf-pipeline/{PIPELINE_DEPLOYMENT}": (
         "Production: caption, featurize, finetune, then promote by held-out accuracy, on a schedule. Registers "
@@ -75,13 +103,29 @@ DEPLOYMENT_DESCRIPTIONS = {
         f"One-off experiment: the whole pipeline, registering into the sandbox model {SANDBOX_MODEL!r} "
         f"(experiment {SANDBOX_EXPERIMENT!r}) with promotion off by default: production aliases never move."
     ),
-    "promote/on-demand": "Promotion alone: the @challenger version against @champion on the held-out split.",
-    "caption/on-demand": "Captions of a pool (one step of the pipeline).",
-    "featurize/on-demand": "Embeddings of a pool and its captions into Feast (one step of the pipeline).",
-    "finetune/on-demand": "The VeCAF loops alone, tracked in MLflow; registers @challenger (one step).",
-    "caption-shard/on-demand": "Internal: one shard of captions (fan-out unit of caption).",
-    "embed-shard/on-demand": "Internal: one shard of embeddings (fan-out unit of featurize).",
+    f"promote/{PROMOTE_DEPLOYMENT}": (
+        "Promotion by hand: the @challenger version against @champion on the held-out split (or, with Roll back / "
+        "Move champion to version, the champion alias moved without evaluation)."
+    ),
+    f"caption/{STEP_DEPLOYMENT}": "Captions of a pool (one step of the pipeline, run alone).",
+    f"featurize/{STEP_DEPLOYMENT}": "Embeddings of a pool and its captions into Feast (one step, run alone).",
+    f"finetune/{STEP_DEPLOYMENT}": "The VeCAF loops alone, tracked in MLflow; registers @challenger (one step).",
+    f"caption-shard/{FAN_OUT_DEPLOYMENT}": "Internal: one shard of captions (fan-out unit of caption).",
+    f"embed-shard/{FAN_OUT_DEPLOYMENT}": "Internal: one shard of embeddings (fan-out unit of featurize).",
 }
+
+
+def default_parameters(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The JSON of each default of a flow function's parameters (a deployment's parameters, the form's values)."""
+    import inspect
+
+    from pydantic_core import to_jsonable_python
+
+    return {
+        name: to_jsonable_python(p.default)
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def experiment_parameters(pipeline_parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -338,15 +382,17 @@ def deploy(
             role = pool_role(settings, name)
             flow = Flow.from_source(source=flow_source(settings), entrypoint=_ENTRYPOINTS[name])
             base: dict[str, Any] = {"job_variables": job_variables[role]} if job_variables[role] else {}
+            defaults = default_parameters(flow.fn)
             variants: list[tuple[str, dict[str, Any]]] = []
             if name == "vecaf-pipeline":
-                scheduled: dict[str, Any] = {"schedules": [Cron(cron, timezone=timezone)], "paused": paused}
-                if pipeline_parameters is not None:
-                    scheduled["parameters"] = dict(pipeline_parameters)
+                scheduled: dict[str, Any] = {
+                    "schedules": [Cron(cron, timezone=timezone)], "paused": paused,
+                    "parameters": {**defaults, **dict(pipeline_parameters or {})},
+                }  # fmt: skip
                 variants.append((PIPELINE_DEPLOYMENT, scheduled))
                 variants.append((EXPERIMENT_DEPLOYMENT, {"parameters": experiment_parameters(pipeline_parameters)}))
             else:
-                variants.append((ON_DEMAND, {}))
+                variants.append((DEPLOYMENT_NAMES[name][0], {"parameters": defaults}))
             for deployment, options in variants:
                 with contextlib.redirect_stdout(io.StringIO()):
                     dep_id = flow.deploy(
@@ -364,7 +410,29 @@ def deploy(
                     )
                 close_deployment_parameters(dep_id)
                 out[f"{name}/{deployment}"] = str(dep_id)
+            retire_deployments(name)
     return out
+
+
+def retire_deployments(flow_name: str) -> list[str]:
+    """Delete the deployments of ``flow_name`` registered under a :data:`RETIRED_DEPLOYMENTS` name (current API).
+
+    Returns:
+        The ``"<flow>/<name>"`` deleted.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deleted = []
+    with get_client(sync_client=True) as client:
+        for old in RETIRED_DEPLOYMENTS:
+            try:
+                found = client.read_deployment_by_name(f"{flow_name}/{old}")
+            except ObjectNotFound:
+                continue
+            client.delete_deployment(found.id)
+            deleted.append(f"{flow_name}/{old}")
+    return deleted
 
 
 def trigger(
@@ -381,7 +449,7 @@ def trigger(
 
     Args:
         settings: the settings (stack URLs).
-        deployment: e.g. ``"vecaf-pipeline/recurring-finetune"``.
+        deployment: e.g. ``"vecaf-pipeline/production"``.
         parameters: parameters overriding the deployment's defaults (top-level keys replace whole values).
         wait: poll until the run is in a final state.
         timeout: seconds to wait at most (None: no limit); on expiry ``TimeoutError``.
@@ -399,7 +467,8 @@ def trigger(
 
     with prefect_api(settings):
         try:
-            run = run_deployment(name=deployment, parameters=dict(parameters or {}), timeout=0)
+            # _sync: a sync caller inside a running event loop (a notebook, Playwright) still gets the run
+            run = run_deployment(name=deployment, parameters=dict(parameters or {}), timeout=0, _sync=True)
         except PrefectHTTPStatusError as exc:
             detail = exc.response.text if exc.response is not None else str(exc)
             raise ValueError(f"Prefect refused a run of {deployment}: {detail}") from exc
@@ -476,7 +545,7 @@ def prefect_yaml(
     for name in flows:
         role = pool_role(settings, name)
         entry: dict[str, Any] = {
-            "name": PIPELINE_DEPLOYMENT if name == "vecaf-pipeline" else ON_DEMAND,
+            "name": DEPLOYMENT_NAMES[name][0],
             "entrypoint": _ENTRYPOINTS[name],
             "tags": ["vecaf"],
             "enforce_parameter_schema": True,

@@ -24,6 +24,7 @@ from tasks.fanout import EMBED_SHARD_DEPLOYMENT, fan_out_deployment, publish_sha
 from tasks.data import load_dataset_task, shard_bounds
 from tasks.embeddings import embed_image_shard_task, embed_text_shard_task, feature_keys
 from tasks.features import feast_apply_task, feast_materialize_task
+from tasks.progress import track_shards
 
 
 @flow(name="featurize", description="PVM image embeddings and caption text embeddings into Feast, then materialize.")
@@ -64,6 +65,7 @@ def featurize(
         image = [r for r in shards if r["kind"] == "image"]
         texts = [r for r in shards if r["kind"] == "text"]
     else:
+        image_bounds, text_bounds = track_shards("embed", image_bounds, text_bounds)
         image = [
             embed_image_shard_task(data, models, split, a, b, rt.feature_store, rt.allow_hub)
             for split, a, b in image_bounds

@@ -2,28 +2,37 @@
 
 Each flow takes some of these models as its parameters; ``vecaf-pipeline`` takes them all:
 
-- :class:`DataParams`: the image pool and the held-out split (dataset, sizes, PVM input size).
+- :class:`DataParams`: the image pool and the held-out split (dataset, sizes, PVM input size, shards);
+  :class:`HeldOutParams`, its part that promotion uses (the ``promote`` flow's form shows only that).
 - :class:`ModelParams`: the PVM, the captioner, the text encoder (Sec. 3.2) and the inference batch.
 - :class:`ObjectiveParams`: the loss L_i that training minimises and selection weighs (Eq. 3, Eq. 7):
   cross-entropy, one-vs-all for a target class (Table 3), or class-weighted cross-entropy.
 - :class:`TrainingParams`: the loops of active finetuning (Sec. 3.1, Appendix C): method, ratio K/N per
   loop, loops L, batch budget B, CEA (Eq. 8-10).
-- :class:`RegistryParams`: where the run is tracked and the model registered, and the promotion margin.
+- :class:`RegistryParams`: where the run is tracked and the model registered, and the promotion margin;
+  :class:`PromotionParams`, its part that promotion uses.
 
 Every bound is a JSON-schema constraint (``gt``/``le``/``Literal``) where it can be, so the Prefect server
 rejects an out-of-range value when a run is created from a deployment; the rest (``batch_budget >= loops``,
 a one-vs-all objective without its class, fresh samples that would not fit the pool) is checked by model
-validators, which run when the flow validates its parameters, before any task. Nothing is imported from
-the model zoo unless a non-default model name has to be checked.
+validators. The flows a user starts from the UI (``vecaf-pipeline``, ``promote``) validate their parameters
+themselves with :func:`checked`, first thing, so a run whose parameters do not fit fails with one line
+naming the field and the rule as its state message. Nothing is imported from the model zoo unless a
+non-default model name has to be checked.
+
+:func:`form_schema` makes a deployment's parameter schema what the Prefect UI's form needs: every field
+with a default marked required (the form then shows no "(Optional)"; the deployment's own parameters give
+the values), bounds, examples and the default written into each description (the form shows descriptions,
+not bounds), ``<placeholders>`` escaped (descriptions are rendered as markdown), unknown keys refused.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASETS = ("fashion-mnist", "digits", "cifar10", "cifar100", "imagefolder")
 METHODS = ("vecaf", "activeft", "coreset", "topk_loss", "entropy", "margin", "random", "full")
@@ -55,6 +64,9 @@ OodPrompt = Annotated[
 """Type of a flow's ``ood_prompt`` parameter: the bound reaches the deployment's schema, so the server refuses
 a longer prompt before a run exists."""
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+"""Devices a flow accepts: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:<index>'."""
+
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-:/@+]+$")
 _REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
@@ -63,8 +75,8 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataParams(_Params):
-    """The labeled image pool, its held-out split, and the PVM input size."""
+class HeldOutParams(_Params):
+    """The labeled image pool and its held-out split: what promotion evaluates on (and checks disjoint)."""
 
     dataset: DatasetName = Field(
         "fashion-mnist",
@@ -104,22 +116,7 @@ class DataParams(_Params):
         examples=[1000],
         description="Images of the held-out split (stratified subset); None: all."
     )
-    image_size: int | None = Field(
-        64,
-        ge=16,
-        le=1024,
-        title="Input size (pixels)",
-        examples=[64],
-        description="PVM input side S in pixels; None: the PVM's own (224 for EfficientNet-Lite0)."
-    )
     subset_seed: int = Field(0, ge=0, title="Subset seed", description="Seed of the stratified subsets.")
-    shard_size: int = Field(
-        1000,
-        ge=16,
-        le=1_000_000,
-        title="Shard size (images per task)",
-        description="Images per captioning/embedding task.",
-    )
     holdout_fraction: float = Field(
         0.2,
         gt=0.0,
@@ -145,6 +142,30 @@ class DataParams(_Params):
                 "name two splits, or set allow_overlap=true to evaluate on training images knowingly"
             )
         return self
+
+
+class DataParams(HeldOutParams):
+    """The labeled image pool, its held-out split, the PVM input size and the shards of the feature steps."""
+
+    image_size: int | None = Field(
+        64,
+        ge=16,
+        le=1024,
+        title="Input size (pixels)",
+        examples=[64],
+        description="PVM input side S in pixels; None: the PVM's own (224 for EfficientNet-Lite0)."
+    )
+    shard_size: int = Field(
+        1000,
+        ge=16,
+        le=1_000_000,
+        title="Shard size (images per task)",
+        description="Images per captioning/embedding task.",
+    )
+
+    def held_out(self) -> HeldOutParams:
+        """The part promotion uses (what the ``promote`` flow takes)."""
+        return HeldOutParams(**self.model_dump(include=set(HeldOutParams.model_fields)))
 
 
 class ModelParams(_Params):
@@ -182,7 +203,7 @@ class ModelParams(_Params):
     )
     device: str = Field(
         "auto",
-        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        pattern=DEVICE_PATTERN,
         title="Device",
         examples=["auto", "cpu", "cuda:0"],
         description="'auto' picks CUDA when present.",
@@ -354,17 +375,9 @@ class TrainingParams(_Params):
         return self
 
 
-class RegistryParams(_Params):
-    """Tracking, registration and promotion."""
+class PromotionParams(_Params):
+    """The registered model whose challenger is compared with its champion, and the margin it must win by."""
 
-    experiment: str = Field(
-        "vecaf",
-        min_length=1,
-        max_length=MAX_NAME_LENGTH,
-        title="MLflow experiment",
-        examples=["vecaf"],
-        description="MLflow experiment.",
-    )
     model_name: str = Field(
         "vecaf-classifier",
         title="Registered model name",
@@ -379,11 +392,6 @@ class RegistryParams(_Params):
         examples=[0.0, 0.01],
         description="The challenger becomes champion only if its held-out top-1 beats the champion's by more.",
     )
-    promote: bool = Field(
-        True,
-        title="Promote after finetuning",
-        description="Run the promotion flow after finetuning (vecaf-pipeline).",
-    )
 
     @field_validator("model_name")
     @classmethod
@@ -393,6 +401,28 @@ class RegistryParams(_Params):
                 f"model_name {value!r} must start with a letter or digit and hold only letters, digits, '_', '-', '.'"
             )
         return value
+
+
+class RegistryParams(PromotionParams):
+    """Tracking, registration and promotion."""
+
+    experiment: str = Field(
+        "vecaf",
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        title="MLflow experiment",
+        examples=["vecaf"],
+        description="MLflow experiment.",
+    )
+    promote: bool = Field(
+        True,
+        title="Promote after finetuning",
+        description="Run the promotion flow after finetuning (vecaf-pipeline).",
+    )
+
+    def promotion(self) -> PromotionParams:
+        """The part promotion uses (what the ``promote`` flow takes)."""
+        return PromotionParams(**self.model_dump(include=set(PromotionParams.model_fields)))
 
 
 class PipelineParams(_Params):
@@ -460,6 +490,36 @@ def check_objective_classes(objective: ObjectiveParams, num_classes: int) -> Non
         )
 
 
+class ParameterError(ValueError):
+    """Flow parameters that do not fit; the message is one line naming each field and what is wrong."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def checked(model: type[M], value: Any) -> M:
+    """``value`` (a model instance, or the JSON a deployment run got) validated as ``model``.
+
+    Raises:
+        ParameterError: one line, ``invalid parameters: <field>: <reason>; ...`` (cross-field rules included).
+    """
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise ParameterError(f"invalid parameters: {one_line_errors(exc)}") from None
+
+
+def one_line_errors(exc: ValidationError) -> str:
+    """A pydantic ``ValidationError`` as ``loc: message; loc: message`` on one line (a rule between groups
+    has no ``loc``: its message alone)."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        message = " ".join(str(err.get("msg", "")).split()).removeprefix("Value error, ")
+        parts.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
 def closed_parameter_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A flow's parameter schema that refuses unknown top-level parameters and unbounded strings.
 
@@ -485,11 +545,83 @@ def closed_parameter_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return closed
 
 
+FORM_TITLES = {
+    "DataParams": "Data", "HeldOutParams": "Held-out data", "ModelParams": "Models", "ObjectiveParams": "Objective",
+    "TrainingParams": "Training", "RegistryParams": "Tracking and registry", "PromotionParams": "Registered model",
+    "ood_prompt": "OOD caption prompt", "device": "Device", "rollback": "Roll back to the previous champion",
+    "to_version": "Move champion to version", "text": "Embed captions", "kind": "Shard kind", "split": "Split",
+    "start": "First index", "stop": "Index after the last",
+}  # fmt: skip
+"""Titles of the flows' top-level parameters in the UI form, by model (for a parameter group) or by name
+(Prefect titles them with the bare parameter name)."""
+
+
+def form_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A deployment's parameter schema as the Prefect UI's form should show it (see the module docstring).
+
+    On top of :func:`closed_parameter_schema`: in the top level and in every model, each property whose
+    default is not null is listed in ``required``; each scalar property's description gains its range,
+    examples and default (:func:`form_description`); top-level properties get the titles of
+    :data:`FORM_TITLES`. Required fields need their values in every run, which a deployment's parameters
+    (``flows.deploy`` registers the flow's defaults) and the form give; a run that names a group must name
+    its fields, else the server refuses it with the missing field's name.
+
+    Args:
+        schema: the deployment's ``parameter_openapi_schema`` (not modified).
+    """
+    out = closed_parameter_schema(schema)
+    for name, prop in out.get("properties", {}).items():
+        key = prop["$ref"].rsplit("/", 1)[-1] if "$ref" in prop else name
+        prop["title"] = FORM_TITLES.get(key, name.replace("_", " ").capitalize())
+    for obj in [out, *out.get("definitions", {}).values()]:
+        props = obj.get("properties", {})
+        obj["required"] = [name for name, prop in props.items() if prop.get("default") is not None]
+        for prop in props.values():
+            if "$ref" not in prop:
+                prop["description"] = form_description(prop)
+    return out
+
+
+def form_description(prop: dict[str, Any]) -> str:
+    """A property's description with ``<``/``>`` escaped for markdown, then ``Range: ...``, ``Examples: ...``
+    (those other than the default) and ``Default: ...`` sentences taken from its schema."""
+    text = (prop.get("description") or "").replace("<", "&lt;").replace(">", "&gt;").strip()
+    variants = [prop, *prop.get("anyOf", [])]
+    low = next(((v[k], "<" if k == "exclusiveMinimum" else "≤") for v in variants
+                for k in ("minimum", "exclusiveMinimum") if k in v), None)  # fmt: skip
+    high = next(((v[k], "<" if k == "exclusiveMaximum" else "≤") for v in variants
+                 for k in ("maximum", "exclusiveMaximum") if k in v), None)  # fmt: skip
+    parts = [text] if text else []
+    if low and high:
+        parts.append(f"Range: {_shown(low[0])} {low[1]} x {high[1]} {_shown(high[0])}.")
+    elif low:
+        parts.append(f"Range: x {'>' if low[1] == '<' else '≥'} {_shown(low[0])}.")
+    elif high:
+        parts.append(f"Range: x {high[1]} {_shown(high[0])}.")
+    default = prop.get("default")
+    examples = [e for e in prop.get("examples", []) if e != default]
+    if examples:
+        parts.append(f"Example{'s' if len(examples) > 1 else ''}: {', '.join(_shown(e) for e in examples)}.")
+    if default is not None and not isinstance(default, (dict, list)):
+        parts.append(f"Default: {_shown(default)}.")
+    return " ".join(parts)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
 def close_deployment_parameters(deployment_id: Any) -> dict[str, Any]:
-    """Store :func:`closed_parameter_schema` as the deployment's schema (the current Prefect API).
+    """Store :func:`form_schema` as the deployment's schema (the current Prefect API).
 
     With ``enforce_parameter_schema`` the server then refuses, before a flow run exists, a run whose
-    parameters hold an unknown top-level key or an oversized string.
+    parameters hold an unknown top-level key, an oversized string, an out-of-range value or miss a field.
 
     Returns:
         The schema stored.
@@ -499,6 +631,6 @@ def close_deployment_parameters(deployment_id: Any) -> dict[str, Any]:
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment(deployment_id)
-        closed = closed_parameter_schema(deployment.parameter_openapi_schema or {"type": "object", "properties": {}})
+        closed = form_schema(deployment.parameter_openapi_schema or {"type": "object", "properties": {}})
         client.update_deployment(deployment_id, DeploymentUpdate(parameter_openapi_schema=closed))
     return closed

@@ -14,9 +14,12 @@
 6. ``publish-pipeline-summary``: this run's summary artifact (links to the MLflow run, logged model and
    version, per-loop table, promotion decision, accuracy figure) and link artifacts.
 
-A progress artifact (``pipeline-progress``) on this run moves as the steps finish.
+Progress artifacts on this run (``tasks/progress.py``): ``pipeline-progress`` moves as the steps finish;
+``caption-progress`` and ``embed-progress`` per shard, ``select-progress`` per loop, ``train-progress`` per
+evaluation (batches of the budget B).
 
-The parameters are validated, and checked against each other, before step 1. Reruns skip the captions and
+The parameters are validated, and checked against each other, before step 1 (``flows.params.checked``): a
+misfit fails the run with one line naming the field and the rule. Reruns skip the captions and
 embeddings already stored for the same images, models and prompt.
 """
 
@@ -34,12 +37,14 @@ from flows.params import (
     ModelParams,
     ObjectiveParams,
     OodPrompt,
+    PipelineParams,
     RegistryParams,
     TrainingParams,
-    check_training_fits,
+    checked,
 )
 from flows.promote import promote
 from flows.runtime import flow_run_info, flow_run_url, runtime
+from tasks.progress import StepProgress
 from tasks.reconcile import reconcile_task, watch_slot_waits
 from tasks.reports import publish_pipeline_summary_task, publish_run_report_task
 
@@ -49,6 +54,7 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @flow(
     name="vecaf-pipeline",
     description="Caption, featurize, finetune with VeCAF active selection (MLflow), then promote by held-out accuracy.",
+    validate_parameters=False,  # checked() below: a misfit fails the run with a one-line state message
 )
 def vecaf_pipeline(
     data: DataParams = DataParams(),
@@ -72,24 +78,29 @@ def vecaf_pipeline(
         ``{"caption", "featurize", "finetune", "promote", "report"}``: each step's summary
         (``caption``/``promote`` None when skipped; ``report``: figures and MLflow links).
     """
-    check_training_fits(data, training, objective)
+    params = checked(PipelineParams, {
+        "data": data, "models": models, "ood_prompt": ood_prompt, "objective": objective, "training": training,
+        "registry": registry,
+    })  # fmt: skip
+    data, models, ood_prompt = params.data, params.models, params.ood_prompt
+    objective, training, registry = params.objective, params.training, params.registry
     rt = runtime()
     local_pool = rt.settings.stack.work_pool if rt.settings.stack.host in _LOOPBACK else None
     reconcile_task(rt.tracking_uri, local_pool)
     use_text = training.cea and training.method != "full"
     steps = ["caption"] * use_text + ["featurize", "finetune"] + ["promote"] * registry.promote + ["report"]
-    progress = _Progress(steps)
+    progress = StepProgress("pipeline", len(steps), f"steps ({', '.join(steps)})")
     with watch_slot_waits():
         captions = caption(data=data, models=models, ood_prompt=ood_prompt) if use_text else None
-        progress.done("caption") if use_text else None
+        progress.advance() if use_text else None
         features = featurize(data=data, models=models, ood_prompt=ood_prompt, text=use_text)
-        progress.done("featurize")
+        progress.advance()
         tuned = finetune(
             data=data, models=models, ood_prompt=ood_prompt, objective=objective, training=training, registry=registry
         )
-        progress.done("finetune")
-        decision = promote(data=data, registry=registry, device=models.device) if registry.promote else None
-        progress.done("promote") if registry.promote else None
+        progress.advance()
+        decision = promote(data=data.held_out(), registry=registry.promotion(), device=models.device) if registry.promote else None
+        progress.advance() if registry.promote else None
     info = flow_run_info()
     version = str(tuned["model"]["version"])
     report = publish_run_report_task(
@@ -97,7 +108,7 @@ def vecaf_pipeline(
         flow_run_url(rt.prefect_ui, info["id"]) if info["id"] else None,
     )  # fmt: skip
     publish_pipeline_summary_task(rt.tracking_uri, tuned["run_id"], report, decision, registry.model_name, version)
-    progress.done("report")
+    progress.advance()
     return {
         "caption": None if captions is None else {k: captions[k] for k in ("new", "cached")},
         "featurize": {k: features[k] for k in ("keys", "image", "text")},
@@ -106,22 +117,3 @@ def vecaf_pipeline(
         "report": report,
     }
 
-
-class _Progress:
-    """The ``pipeline-progress`` artifact of this run: the share of the pipeline's steps that finished."""
-
-    def __init__(self, steps: list[str]) -> None:
-        from prefect.artifacts import create_progress_artifact
-
-        self.steps = steps
-        self.finished: list[str] = []
-        self.id = create_progress_artifact(
-            0.0, key="pipeline-progress", description=f"Steps: {', '.join(steps)}; none finished yet"
-        )
-
-    def done(self, step: str) -> None:
-        from prefect.artifacts import update_progress_artifact
-
-        self.finished.append(step)
-        share = 100.0 * len(self.finished) / len(self.steps)
-        update_progress_artifact(self.id, share, description=f"Finished: {', '.join(self.finished)}")

@@ -28,11 +28,12 @@ compare-and-set (``move-champion``) and the move recorded like a promotion (``re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from pydantic import Field
 
-from flows.params import DataParams, RegistryParams
+from flows.params import DEVICE_PATTERN, HeldOutParams, ParameterError, PromotionParams, checked
 from flows.runtime import flow_run_info, runtime
 from tasks.data import check_splits, load_dataset_task
 from tasks.registry import (
@@ -54,13 +55,14 @@ from tasks.training import evaluate_model_task
 @flow(
     name="promote",
     description="Re-evaluate challenger vs champion on held-out data; move the champion alias if earned.",
+    validate_parameters=False,  # checked() below: a misfit fails the run with a one-line state message
 )
 def promote(
-    data: DataParams = DataParams(),
-    registry: RegistryParams = RegistryParams(),
-    device: str = "auto",
+    data: HeldOutParams = HeldOutParams(),
+    registry: PromotionParams = PromotionParams(),
+    device: Annotated[str, Field(pattern=DEVICE_PATTERN)] = "auto",
     rollback: bool = False,
-    to_version: int | None = None,
+    to_version: Annotated[int | None, Field(ge=1)] = None,
 ) -> dict[str, Any]:
     """Promote the challenger when it beats the champion on the held-out split by more than the margin.
 
@@ -77,10 +79,11 @@ def promote(
         (``promoted`` None when there is no challenger, or it already is the champion; ``outcome`` one of
         promoted, kept-champion, refused-changed, refused-format).
     """
+    data, registry = checked(HeldOutParams, data), checked(PromotionParams, registry)
     if rollback and to_version is not None:
-        raise ValueError("pass either rollback=True or to_version=N, not both")
+        raise ParameterError("invalid parameters: pass either rollback=True or to_version=N, not both")
     if to_version is not None and (isinstance(to_version, bool) or int(to_version) < 1):
-        raise ValueError(f"to_version must be a model version number >= 1, got {to_version!r}")
+        raise ParameterError(f"invalid parameters: to_version must be a model version number >= 1, got {to_version!r}")
     rt = runtime()
     name = registry.model_name
     get_run_logger().info("waiting for the promotion lock of %s (one promotion at a time)", name)
@@ -124,7 +127,7 @@ def promote(
 
 
 def _evaluate_and_decide(
-    rt: Any, name: str, data: DataParams, registry: RegistryParams, device: str, challenger: dict, champion: dict | None
+    rt: Any, name: str, data: HeldOutParams, registry: PromotionParams, device: str, challenger: dict, champion: dict | None
 ) -> dict[str, Any]:
     """Steps 2-4: the held-out split (checked disjoint from the pool), the evaluations, the rule.
 
@@ -163,7 +166,7 @@ def _evaluate_and_decide(
     return {**out, "promoted": promoted, "reason": reason, "outcome": "promoted" if promoted else "kept-champion"}
 
 
-def _move_by_hand(rt: Any, name: str, registry: RegistryParams, to_version: str | None, lock: str) -> dict[str, Any]:
+def _move_by_hand(rt: Any, name: str, registry: PromotionParams, to_version: str | None, lock: str) -> dict[str, Any]:
     """Rollback / move-to-version, inside the promotion lock: choose, check the format, move, record."""
     state = read_history_task(rt.tracking_uri, name)
     target, history = rollback_target(state["history"], to_version=to_version)

@@ -133,12 +133,10 @@ def _params_or_exit(path: Optional[Path], overrides: dict[str, Any]) -> Any:
 
 
 def _one_line_errors(exc: Any) -> str:
-    """A pydantic ValidationError as ``loc: message; loc: message``."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "parameters"
-        parts.append(f"{loc}: {err.get('msg', '')}")
-    return "; ".join(parts)
+    """A pydantic ValidationError as ``loc: message; loc: message`` (``flows.params.one_line_errors``)."""
+    from flows.params import one_line_errors
+
+    return one_line_errors(exc)
 
 
 def _check_cron(cron: str, timezone: str = "UTC") -> None:
@@ -333,7 +331,7 @@ def run(
     wait: bool = typer.Option(True, help="Wait for the run to finish."),
 ) -> None:
     """Trigger vecaf-pipeline through its deployment (parameters validated here and by the server)."""
-    from flows.deploy import PIPELINE_DEPLOYMENT, wait_for_run
+    from flows.deploy import PIPELINE_DEPLOYMENT
     from flows.runtime import flow_run_url
     from infra.stack import stack_urls
     from vecaf.settings import load_settings
@@ -348,10 +346,12 @@ def run(
     flow_run = _trigger_or_exit(settings, f"vecaf-pipeline/{PIPELINE_DEPLOYMENT}", pipeline.flow_parameters())
     typer.echo(f"flow run {flow_run.name}: {flow_run_url(ui, str(flow_run.id))}")
     if wait:
-        flow_run = wait_for_run(settings, flow_run.id)
-        _report_end(settings, flow_run)
         from rich.console import Console
 
+        from infra.progress import wait_with_progress
+
+        flow_run = wait_with_progress(settings, flow_run.id, Console())
+        _report_end(settings, flow_run)
         from infra.demo import collect_summary, print_summary
 
         print_summary(Console(), collect_summary(settings, flow_run))
@@ -373,14 +373,14 @@ def promote(
     """
     from pydantic import ValidationError
 
-    from flows.deploy import ON_DEMAND, wait_for_run
-    from flows.params import RegistryParams
+    from flows.deploy import PROMOTE_DEPLOYMENT, wait_for_run
+    from flows.params import PromotionParams
     from flows.runtime import flow_run_url
     from infra.stack import stack_urls
     from vecaf.settings import load_settings
 
     try:
-        registry = RegistryParams(model_name=model_name, promotion_margin=margin)
+        registry = PromotionParams(model_name=model_name, promotion_margin=margin)
     except ValidationError as exc:
         typer.echo(f"invalid parameters: {_one_line_errors(exc)}", err=True)
         raise typer.Exit(2) from exc
@@ -402,7 +402,7 @@ def promote(
         except ValueError as exc:
             typer.echo(f"cannot move {model_name}@champion: {exc}", err=True)
             raise typer.Exit(2) from exc
-    flow_run = _trigger_or_exit(settings, f"promote/{ON_DEMAND}", parameters)
+    flow_run = _trigger_or_exit(settings, f"promote/{PROMOTE_DEPLOYMENT}", parameters)
     typer.echo(f"flow run {flow_run.name}: {flow_run_url(stack_urls(settings)['prefect_ui_url'], str(flow_run.id))}")
     if wait:
         flow_run = wait_for_run(settings, flow_run.id)

@@ -2,9 +2,10 @@
 
 1. Start the stack (S3, MLflow, Prefect server, worker) unless it is already up.
 2. Deploy the flows (``flows/deploy.py``); the scheduled pipeline deployment gets the demo's parameters.
-3. Trigger ``vecaf-pipeline/recurring-finetune`` through Prefect (the run is visible in the UI and runs in
+3. Trigger ``vecaf-pipeline/production`` through Prefect (the run is visible in the UI and runs in
    the stack's worker): Fashion-MNIST, EfficientNet-Lite0 (frozen, ``head`` mode), the ImageNet-label
-   captioner and MiniLM, VeCAF selection with CEA; each task is printed as it finishes.
+   captioner and MiniLM, VeCAF selection with CEA; each task is printed as it finishes, and the run's
+   progress artifacts as bars (``infra/progress.py``).
 4. Print the summary: test accuracy per loop, the registered model version and its aliases, the MLflow run
    URL, the Prefect flow-run URL, where the artifacts are in S3; write it to ``<state_dir>/demo/summary.json``.
 
@@ -253,8 +254,9 @@ def run_demo(
     from rich.console import Console
     from rich.table import Table
 
-    from flows.deploy import PIPELINE_DEPLOYMENT, deploy, trigger, wait_for_run
+    from flows.deploy import PIPELINE_DEPLOYMENT, deploy, trigger
     from flows.runtime import flow_run_url
+    from infra.progress import wait_with_progress
     from infra.stack import stack_urls, state_dir, up
 
     console = console or Console()
@@ -291,7 +293,7 @@ def run_demo(
     console.print(f"   flow run {run.name}: {flow_run_url(urls['prefect_ui_url'], str(run.id))}")
     progress = _Progress(console, run.id, start)
     try:
-        run = wait_for_run(settings, run.id, timeout=timeout, on_poll=progress)
+        run = wait_with_progress(settings, run.id, console, timeout=timeout, on_poll=progress, show_state=False)
     except TimeoutError as exc:
         raise RuntimeError(str(exc)) from exc
     if not run.state.is_completed():

@@ -1,7 +1,7 @@
 """Shard fan-out: each caption / embedding shard as its own flow run on the work pool, so N workers take N shards.
 
 A deployed ``caption`` or ``featurize`` run (one a worker started) creates one flow run of the shard
-deployment (``caption-shard/on-demand`` or ``embed-shard/on-demand``) per shard with ``run_deployment(...,
+deployment (``caption-shard/fan-out`` or ``embed-shard/fan-out``) per shard with ``run_deployment(...,
 timeout=0)``, then waits for all of them. Each shard run writes its Parquet file to the store itself and
 publishes a one-row table artifact ``shard summary`` (counts and the worker that ran it), which is all the
 parent reads back: no result storage is shared between workers.
@@ -22,9 +22,11 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from tasks.data import LOCAL_TASK
+from tasks.progress import StepProgress
 
-CAPTION_SHARD_DEPLOYMENT = "caption-shard/on-demand"
-EMBED_SHARD_DEPLOYMENT = "embed-shard/on-demand"
+CAPTION_SHARD_DEPLOYMENT = "caption-shard/fan-out"
+EMBED_SHARD_DEPLOYMENT = "embed-shard/fan-out"
+_PROGRESS_STEP = {CAPTION_SHARD_DEPLOYMENT: "caption", EMBED_SHARD_DEPLOYMENT: "embed"}
 SUMMARY_DESCRIPTION = "shard summary"
 _FINAL_FAILURES = ("FAILED", "CRASHED", "CANCELLED", "CANCELLING")
 
@@ -127,6 +129,7 @@ def run_shard_flows_task(
     runs = [run_deployment(name=deployment, parameters=dict(p), timeout=0, as_subflow=True) for p in shards]
     logger.info("%d shard runs of %s created; waiting for the pool's workers", len(runs), deployment)
     pending = {r.id for r in runs}
+    progress = StepProgress(_PROGRESS_STEP[deployment], len(runs), "shards") if deployment in _PROGRESS_STEP else None
     last_log = time.monotonic()
     with get_client(sync_client=True) as client:
         while pending:
@@ -140,6 +143,8 @@ def run_shard_flows_task(
                         f"shard run {run.name} ({run_id}) of {deployment} ended {run.state.type.value}: "
                         f"{run.state.message or 'no message'}"
                     )
+                if progress is not None:
+                    progress.advance()
             if pending:
                 if time.monotonic() - last_log > log_every_s:
                     logger.info("%d of %d shard runs still running or waiting for a worker", len(pending), len(runs))

@@ -51,6 +51,7 @@ from prefect import get_run_logger, task
 from flows.params import DataParams, ModelParams, ObjectiveParams, TrainingParams
 from tasks.data import load_split, read_manifest
 from tasks.embeddings import GPU_TASK, feature_keys, get_pvm
+from tasks.progress import LoopProgress
 
 _LIBRARY_OBJECTIVE = {"ce": "cross_entropy", "one-vs-all": "one_vs_all", "class-weighted": "weighted_cross_entropy"}
 
@@ -256,7 +257,9 @@ def train_processes(setting: int | None = None, *, batch_size: int | None = None
     return n
 
 
-def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, stop_after_loop: int | None) -> Any:
+def _finetune(
+    spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, stop_after_loop: int | None, callbacks: Any = None
+) -> Any:
     from vecaf.train import finetune
 
     t = spec.training
@@ -289,6 +292,7 @@ def _finetune(spec: TrainSpec, inputs: dict[str, Any], *, resume: Any, stop_afte
         resume=resume,
         return_model=True,
         stop_after_loop=stop_after_loop,
+        callbacks=callbacks,
         **start,
     )
 
@@ -307,14 +311,17 @@ def save_final(spec: TrainSpec, inputs: dict[str, Any], result: Any) -> None:
     _write_json(_run_dir(spec) / "result.json", result.to_dict())
 
 
-def run_engine(spec: TrainSpec, loop: int, resume: Any, inputs: dict[str, Any] | None = None) -> None:
+def run_engine(
+    spec: TrainSpec, loop: int, resume: Any, inputs: dict[str, Any] | None = None, callbacks: list[Any] | None = None
+) -> None:
     """Train loop ``loop`` in this process (one rank under torchrun): checkpoint, and after the last loop the
-    model and ``result.json``, in the run's cached folder (written by rank 0)."""
+    model and ``result.json``, in the run's cached folder (written by rank 0). ``callbacks`` go to the engine
+    (the Prefect progress of this process)."""
     from vecaf.train import ddp
 
     inputs = engine_inputs(spec) if inputs is None else inputs
     last = loop == spec.training.loops - 1
-    result = _finetune(spec, inputs, resume=resume, stop_after_loop=None if last else loop)
+    result = _finetune(spec, inputs, resume=resume, callbacks=callbacks, stop_after_loop=None if last else loop)
     if last and ddp.current_context().is_main:
         save_final(spec, inputs, result)
 
@@ -425,7 +432,9 @@ def train_loop(spec: TrainSpec, loop: int, *, processes: int | None = None) -> d
     if not 0 <= loop < t.loops:
         raise ValueError(f"loop must be in 0..{t.loops - 1}, got {loop}")
     stored = _stored_loop(spec, loop)
+    progress = LoopProgress(t.loops, t.batch_budget, loop)
     if stored is not None:
+        progress.stored(stored["end_batches"])
         return stored
     run_dir = _run_dir(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -443,7 +452,7 @@ def train_loop(spec: TrainSpec, loop: int, *, processes: int | None = None) -> d
     if n > 1:
         run_engine_under_torchrun(spec, loop, resume, n)
     else:
-        run_engine(spec, loop, resume, inputs)
+        run_engine(spec, loop, resume, inputs, callbacks=[progress])
     ckpt = checkpoint_path(_checkpoint_dir(spec), loop)
     state = load_checkpoint(ckpt)
     rec = state["records"][-1]

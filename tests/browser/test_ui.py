@@ -8,7 +8,10 @@ opens the pages the pipeline prints and links to:
   the logged model's page shows the run's final top-1 (not the untrained model's); the run's artifacts hold
   the figures;
 - Prefect (after logging in with the stack's auth string, as a user would): the top-level run's summary
-  artifact; the experiment deployment's custom-run form with titled fields.
+  artifact and its progress artifacts (every step at 100 %); the experiment deployment's custom-run form
+  with titled fields, no "(Optional)" on fields that have defaults, ranges and defaults in the descriptions,
+  ``<placeholders>`` shown; a run whose parameters break a rule between fields (batch budget < loops)
+  fails with that rule, on one line, as its state message on the run's page.
 
 Screenshots go to ``.vecaf/screenshots/`` (not committed). Without ``/usr/bin/chromium`` (``make browser``
 installs it as root) the tests skip and say so.
@@ -83,7 +86,8 @@ def run(stack) -> SimpleNamespace:
             models = client.search_logged_models([exp.experiment_id], f"source_run_id='{mlrun.info.run_id}'")
             urls = stack_urls(settings)
             yield SimpleNamespace(
-                stack=stack, ids=ids, flow_run=flow_run, client=client, mlflow_run=mlrun, experiment=exp,
+                stack=stack, settings=settings, ids=ids, flow_run=flow_run, client=client, mlflow_run=mlrun,
+                experiment=exp,
                 model_id=models[0].model_id, final_top1=mlrun.data.metrics["final_test_top1"],
                 run_url=mlflow_run_url(stack.mlflow_url, exp.experiment_id, mlrun.info.run_id),
                 model_url=mlflow_logged_model_url(stack.mlflow_url, exp.experiment_id, models[0].model_id),
@@ -205,7 +209,9 @@ def test_pipeline_run_carries_the_summary_artifact(run, page):
     assert {"vecaf-pipeline-summary", "mlflow-run", "pipeline-progress"} <= keys, keys
     prefect_login(page, run, run.flow_run_url)
     see(page, page.get_by_text("Artifacts", exact=True), "prefect-artifacts-tab").click()
-    see(page, page.get_by_text("vecaf-pipeline-summary"), "prefect-run-artifacts")
+    # the run's own artifacts (progress) come first; the task runs' ones (the summary) load when scrolled to
+    see(page, page.get_by_text("Task runs", exact=True), "prefect-run-artifacts").scroll_into_view_if_needed()
+    see(page, page.get_by_text("vecaf-pipeline-summary"), "prefect-run-artifacts").scroll_into_view_if_needed()
     shot(page, "prefect-run-artifacts")
     summary = next(a for a in arts if a.key == "vecaf-pipeline-summary")
     page.goto(f"{run.prefect_ui}/artifacts/artifact/{summary.id}")
@@ -222,7 +228,56 @@ def test_custom_run_form_has_titled_fields(run, page):
     see(page, page.get_by_text("Learning rate"), "prefect-custom-run")
     shot(page, "prefect-custom-run")
     text = page.locator("body").inner_text()
-    for title in ("Learning rate", "Loops (L)", "Registered model name", "Promote after finetuning"):
+    for title in ("Learning rate", "Loops (L)", "Registered model name", "Promote after finetuning", "Training"):
         assert title in text, title
     assert "Lam Bw" not in text and "Lr\n" not in text
+    # fields with a default are required in the schema: the form marks none of them "(Optional)"
+    for title in ("Learning rate", "Loops (L)", "Registered model name", "Training", "Data"):
+        assert f"{title} (Optional)" not in text, title
+    assert "PVM checkpoint file (Optional)" in text  # no default: optional, and the form says so
+    # ranges, defaults and placeholders in the descriptions
+    assert "Range: 1 ≤ x ≤ 100. Default: 3." in text
+    assert "Range: 0 < x ≤ 10. Example: 0.05. Default: 0.0005." in text
+    assert "'hf:<folder>' or 'open_clip:<spec>'" in text
+
+
+def test_pipeline_run_shows_the_progress_of_each_step(run, page):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.flow_run.id]), type=ArtifactFilterType(any_=["progress"])
+            )
+        )
+    values = {a.key: float(a.data) for a in arts}
+    steps = ("pipeline", "caption", "embed", "select", "train")
+    assert values == {f"{s}-progress": 100.0 for s in steps}, values
+    prefect_login(page, run, run.flow_run_url)
+    see(page, page.get_by_text("Artifacts", exact=True), "prefect-artifacts-tab").click()
+    see(page, page.get_by_text("train-progress"), "prefect-progress-artifacts")
+    shot(page, "prefect-progress")
+    text = page.locator("body").inner_text()
+    for step in steps:
+        assert f"{step}-progress" in text, step
+    assert "train: 20/20 batches" in text
+
+
+def test_a_misfit_between_fields_fails_the_run_with_one_line(run, page):
+    from flows.deploy import EXPERIMENT_DEPLOYMENT, trigger
+    from flows.runtime import flow_run_url
+
+    bad = pipeline_params().flow_parameters()
+    bad["training"].update(loops=5, batch_budget=2)  # each in range: the server's schema cannot see the misfit
+    failed = trigger(
+        run.settings, f"vecaf-pipeline/{EXPERIMENT_DEPLOYMENT}", bad, wait=True, timeout=600, poll_s=2.0
+    )
+    message = failed.state.message or ""
+    assert failed.state.is_failed(), failed.state
+    assert "batch_budget (2) must be at least loops (5): every loop trains a batch" in message, message
+    assert "\n" not in message.strip(), message
+    prefect_login(page, run, flow_run_url(run.prefect_ui, str(failed.id)))
+    see(page, page.get_by_text("batch_budget (2) must be at least loops (5)"), "prefect-misfit-run")
+    shot(page, "prefect-misfit-run")
 

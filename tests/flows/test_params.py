@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import socket
 
 import numpy as np
@@ -473,3 +474,123 @@ def test_the_deployment_schema_refuses_unknown_parameters_and_long_strings():
     assert bound == MAX_PROMPT_LENGTH
     closed = closed_parameter_schema(parameter_schema(vecaf_pipeline).model_dump_for_openapi())
     assert closed["properties"]["ood_prompt"]["anyOf"][0]["maxLength"] in (MAX_PROMPT_LENGTH, MAX_FREE_STRING_LENGTH)
+
+
+def _form(flow_) -> dict:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.params import form_schema
+
+    return form_schema(parameter_schema(flow_).model_dump_for_openapi())
+
+
+def test_the_form_schema_requires_fields_with_defaults_and_fills_them_from_the_deployment():
+    from prefect.utilities.schema_tools import ValidationError as SchemaError
+    from prefect.utilities.schema_tools import validate
+
+    from flows.deploy import default_parameters
+    from flows.pipeline import vecaf_pipeline
+
+    schema = _form(vecaf_pipeline)
+    training = schema["definitions"]["TrainingParams"]
+    # every field whose default is not None is required (the UI then shows no "(Optional)")
+    assert set(training["required"]) == set(TrainingParams.model_fields) - {"eval_every"}
+    assert "pvm_checkpoint" not in schema["definitions"]["ModelParams"]["required"]
+    assert set(schema["required"]) == {"data", "models", "objective", "training", "registry"}
+    defaults = default_parameters(vecaf_pipeline.fn)
+    assert defaults == PipelineParams().flow_parameters()
+    validate(defaults, schema, raise_on_error=True)
+    validate({**defaults, "training": {**defaults["training"], "loops": 5}}, schema, raise_on_error=True)
+    with pytest.raises(SchemaError, match="'training'.*'mode' is a required property"):
+        validate({**defaults, "training": {"loops": 5}}, schema, raise_on_error=True)
+    with pytest.raises(SchemaError, match="'bogus' was unexpected"):
+        validate({**defaults, "bogus": 1}, schema, raise_on_error=True)
+
+
+@pytest.mark.parametrize(
+    "group, field, sentences",
+    [
+        ("TrainingParams", "loops", ["L, selection + training loops.", "Range: 1 ≤ x ≤ 100.", "Default: 3."]),
+        ("TrainingParams", "ratio", ["Range: 0 < x ≤ 0.5.", "Default: 0.01."]),
+        ("TrainingParams", "lr", ["Range: 0 < x ≤ 10.", "Example: 0.05.", "Default: 0.0005."]),
+        ("TrainingParams", "cea", ["Default: on."]),
+        ("TrainingParams", "seed", ["Range: x ≥ 0.", "Default: 0."]),
+        ("DataParams", "pool_size", ["Range: 10 ≤ x ≤ 10,000,000.", "Example: 3000.", "Default: 4000."]),
+        ("DataParams", "holdout_fraction", ["Range: 0 < x < 1.", "Default: 0.2."]),
+        ("ModelParams", "captioner", ["'hf:&lt;folder&gt;' or 'open_clip:&lt;spec&gt;'", "Default: imagenet-labels."]),
+    ],
+)
+def test_form_descriptions_say_range_examples_and_default(group, field, sentences):
+    from flows.pipeline import vecaf_pipeline
+
+    description = _form(vecaf_pipeline)["definitions"][group]["properties"][field]["description"]
+    for sentence in sentences:
+        assert sentence in description, description
+    assert not re.search(r"<\w", description), "a <placeholder> would vanish as an HTML tag in the form"
+
+
+def test_form_titles_name_the_groups():
+    from flows.pipeline import vecaf_pipeline
+    from flows.promote import promote
+
+    titles = {k: v["title"] for k, v in _form(vecaf_pipeline)["properties"].items()}
+    assert titles == {
+        "data": "Data", "models": "Models", "ood_prompt": "OOD caption prompt", "objective": "Objective",
+        "training": "Training", "registry": "Tracking and registry",
+    }  # fmt: skip
+    assert _form(promote)["properties"]["registry"]["title"] == "Registered model"
+
+
+def test_the_promote_form_carries_only_what_promotion_uses():
+    from flows.promote import promote
+
+    schema = _form(promote)
+    assert set(schema["properties"]) == {"data", "registry", "device", "rollback", "to_version"}
+    held_out = set(schema["definitions"]["HeldOutParams"]["properties"])
+    assert held_out == set(DataParams.model_fields) - {"image_size", "shard_size"}
+    assert set(schema["definitions"]["PromotionParams"]["properties"]) == {"model_name", "promotion_margin"}
+    data = DataParams(dataset="digits", pool_size=500, test_size=200, image_size=32)
+    registry = RegistryParams(experiment="e", model_name="m", promotion_margin=0.01, promote=False)
+    assert data.held_out().model_dump() == {k: v for k, v in data.model_dump().items() if k in held_out}
+    assert registry.promotion().model_dump() == {"model_name": "m", "promotion_margin": 0.01}
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            {"training": {"loops": 5, "batch_budget": 2}},
+            "invalid parameters: training: batch_budget (2) must be at least loops (5): every loop trains a batch",
+        ),
+        (
+            {"training": {"loops": 0}, "data": {"pool_size": 1}},
+            "invalid parameters: data.pool_size: Input should be greater than or equal to 10; "
+            "training.loops: Input should be greater than or equal to 1",
+        ),
+        (
+            {"data": {"pool_size": 100}, "training": {"ratio": 0.2, "loops": 6}},
+            "invalid parameters: 6 loops of K=20 fresh samples (ratio 0.2 of pool_size 100) need 120 images; "
+            "lower ratio or loops, or set exclude_previous=false",
+        ),
+    ],
+)
+def test_checked_parameters_fail_with_one_line(value, message):
+    from flows.params import ParameterError, checked
+
+    with pytest.raises(ParameterError) as refused:
+        checked(PipelineParams, value)
+    assert str(refused.value) == message
+    assert "\n" not in str(refused.value)
+    assert checked(PipelineParams, PipelineParams().flow_parameters()) == PipelineParams()
+
+
+def test_deployment_names_are_distinct_and_the_fan_out_finds_its_shards():
+    from flows.deploy import _ENTRYPOINTS, DEPLOYMENT_DESCRIPTIONS, DEPLOYMENT_NAMES
+    from tasks.fanout import CAPTION_SHARD_DEPLOYMENT, EMBED_SHARD_DEPLOYMENT
+
+    names = [f"{flow}/{name}" for flow, variants in DEPLOYMENT_NAMES.items() for name in variants]
+    assert set(DEPLOYMENT_NAMES) == set(_ENTRYPOINTS)
+    assert {CAPTION_SHARD_DEPLOYMENT, EMBED_SHARD_DEPLOYMENT} <= set(names)
+    assert "vecaf-pipeline/production" in names and "promote/manual" in names
+    assert not any(n.endswith("/on-demand") for n in names)
+    assert set(DEPLOYMENT_DESCRIPTIONS) == set(names)  # every deployment explains itself in the UI

@@ -66,18 +66,40 @@ def _subflows(parent_id: Any) -> dict[str, Any]:
 def test_pipeline_run_completes_through_its_deployment(pipeline):
     run = pipeline.run
     assert run.state.is_completed(), run.state.message
-    assert str(run.deployment_id) == pipeline.ids["vecaf-pipeline/recurring-finetune"]
+    assert str(run.deployment_id) == pipeline.ids["vecaf-pipeline/production"]
     subflows = _subflows(run.id)
     assert set(subflows) == {"caption", "featurize", "finetune", "promote"}
     assert all(r.state.is_completed() for r in subflows.values())
+
+
+def test_the_pipeline_run_shows_each_step_finished_as_progress(pipeline):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[pipeline.run.id]), type=ArtifactFilterType(any_=["progress"])
+            )
+        )
+    progress = {a.key: (float(a.data), a.description) for a in found}
+    assert {k: v for k, (v, _) in progress.items()} == {
+        "pipeline-progress": 100.0, "caption-progress": 100.0, "embed-progress": 100.0, "select-progress": 100.0,
+        "train-progress": 100.0,
+    }  # fmt: skip
+    # 500 pool + 200 held-out images in shards of 250: 2 + 1 image shards and 2 caption-text shards
+    assert progress["caption-progress"][1] == "caption: 2/2 shards"
+    assert progress["embed-progress"][1] == "embed: 5/5 shards"
+    assert progress["select-progress"][1] == "select: 2/2 loops"
+    assert progress["train-progress"][1] == "train: 20/20 batches"
 
 
 def test_the_deployment_runs_on_a_cron_schedule(pipeline):
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        dep = client.read_deployment(pipeline.ids["vecaf-pipeline/recurring-finetune"])
-        promote = client.read_deployment_by_name("promote/on-demand")
+        dep = client.read_deployment(pipeline.ids["vecaf-pipeline/production"])
+        promote = client.read_deployment_by_name("promote/manual")
         limit = client.read_concurrency_limit_by_tag("gpu")
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
     assert dep.work_pool_name == pipeline.settings.stack.work_pool
@@ -197,7 +219,7 @@ def test_out_of_range_parameters_are_refused_before_any_work(pipeline):
     from flows.deploy import trigger
     from flows.pipeline import vecaf_pipeline
 
-    dep_id = pipeline.ids["vecaf-pipeline/recurring-finetune"]
+    dep_id = pipeline.ids["vecaf-pipeline/production"]
 
     def ratios() -> list[float]:
         with get_client(sync_client=True) as client:
@@ -207,7 +229,7 @@ def test_out_of_range_parameters_are_refused_before_any_work(pipeline):
     bad = pipeline_params().flow_parameters()
     bad["training"]["ratio"] = 0.9
     with pytest.raises(ValueError, match=r"training\.ratio.*0\.9 is greater than the maximum of 0\.5"):
-        trigger(pipeline.settings, "vecaf-pipeline/recurring-finetune", bad)
+        trigger(pipeline.settings, "vecaf-pipeline/production", bad)
     assert 0.04 in ratios() and 0.9 not in ratios()  # the good run exists, the refused one was never created
 
     state = vecaf_pipeline(data=DATA, training={"loops": 5, "batch_budget": 2}, return_state=True)

@@ -153,7 +153,7 @@ def test_unknown_parameters_and_oversized_strings_are_refused_before_a_run_exist
 
     settings, ids = deployed
     matches = {k: v for k, v in ids.items() if k.startswith(f"{flow_name}/")}  # the pipeline has two deployments
-    name = f"{flow_name}/recurring-finetune" if f"{flow_name}/recurring-finetune" in matches else next(iter(matches))
+    name = f"{flow_name}/production" if f"{flow_name}/production" in matches else next(iter(matches))
     dep_id = matches[name]
     before = len(_flow_runs(dep_id))
     with get_client(sync_client=True) as client:  # the raw API, as any caller would send it

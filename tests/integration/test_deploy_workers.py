@@ -134,7 +134,7 @@ def test_a_flow_run_cannot_replace_the_worker_command(env, tmp_path: Path) -> No
     with _client() as client:
         client.update_work_pool(pool, WorkPoolUpdate(base_job_template=ProcessWorker.get_default_base_job_template()))
     ids = deploy(load_settings(deploy={"manage_pool_templates": False}), flows=("embed-shard",))
-    dep_id = ids["embed-shard/on-demand"]
+    dep_id = ids["embed-shard/fan-out"]
     with _client() as client:
         run = client.create_flow_run_from_deployment(
             dep_id, parameters=_shard_params(), job_variables={"command": f"touch {control}"}
@@ -182,10 +182,10 @@ def test_a_git_source_at_a_branch_is_what_the_worker_runs(env, tmp_path: Path) -
     settings = load_settings(deploy={"source": f"file://{remote}", "branch": "vecaf-src"})
     ids = deploy(settings, flows=("embed-shard",))
     with _client() as client:
-        dep = client.read_deployment(ids["embed-shard/on-demand"])
+        dep = client.read_deployment(ids["embed-shard/fan-out"])
     clone = dep.pull_steps[0]["prefect.deployments.steps.git_clone"]
     assert clone["repository"] == f"file://{remote}" and clone["branch"] == "vecaf-src"
-    run = trigger(settings, "embed-shard/on-demand", _shard_params(16, 32), wait=True, timeout=600, poll_s=2.0)
+    run = trigger(settings, "embed-shard/fan-out", _shard_params(16, 32), wait=True, timeout=600, poll_s=2.0)
     assert run.state.is_completed(), run.state.message
     assert _summaries([run])[0]["start"] == 16
     with pytest.raises(ValueError, match="deploy.branch"):
@@ -209,7 +209,7 @@ def test_the_cli_writes_a_prefect_yaml_and_deploys_what_it_says(env, tmp_path: P
     deployed = runner.invoke(app, ["deploy", "--prefect-file", str(path)])
     assert deployed.exit_code == 0, f"{deployed.output}\n{deployed.exception!r}"
     with _client() as client:
-        pipeline = client.read_deployment_by_name("vecaf-pipeline/recurring-finetune")
+        pipeline = client.read_deployment_by_name("vecaf-pipeline/production")
     assert [s.schedule.cron for s in pipeline.schedules] == ["30 5 * * *"]
     assert pipeline.work_pool_name == env.work_pool
     path.write_text(edited.replace(f"name: {env.work_pool}", "name: vecaf-typo-pool"))
@@ -284,7 +284,7 @@ def test_two_workers_share_the_shards_of_one_featurize_run(env, tmp_path: Path, 
             _wait_until(online, timeout=180, what=f"worker {second} online")
         started = time.monotonic()
         run = trigger(
-            settings, "featurize/on-demand", {"data": FAN_OUT_DATA.model_dump(mode="json"), "text": False},
+            settings, "featurize/standalone", {"data": FAN_OUT_DATA.model_dump(mode="json"), "text": False},
             wait=True, timeout=900, poll_s=2.0,
         )  # fmt: skip
         deployed_s = time.monotonic() - started
@@ -302,6 +302,9 @@ def test_two_workers_share_the_shards_of_one_featurize_run(env, tmp_path: Path, 
     )
     workers = {s["worker"] for s in summaries}
     assert workers == {worker_name(env.settings), second}, workers
+    from infra.progress import read_progress
+
+    assert read_progress(run.id) == {"embed-progress": (100.0, "embed: 6/6 shards")}  # moved as shard runs ended
     waits = [(r.start_time - r.created).total_seconds() for r in shards]
     runs_s = [r.total_run_time.total_seconds() for r in shards]
 

@@ -161,11 +161,12 @@ def test_a_worker_in_another_network_namespace_runs_every_flow(netns, stack_sett
             data = DATA.model_dump(mode="json")
             registry = REGISTRY.model_dump(mode="json")
             steps = [
-                ("caption/on-demand", {"data": data}),
-                ("featurize/on-demand", {"data": data}),
-                ("finetune/on-demand", {"data": data, "training": TRAINING.model_dump(mode="json"),
+                ("caption/standalone", {"data": data}),
+                ("featurize/standalone", {"data": data}),
+                ("finetune/standalone", {"data": data, "training": TRAINING.model_dump(mode="json"),
                                         "registry": registry}),
-                ("promote/on-demand", {"data": data, "registry": registry}),
+                ("promote/manual", {"data": DATA.held_out().model_dump(mode="json"),
+                                    "registry": REGISTRY.promotion().model_dump(mode="json")}),
             ]  # fmt: skip
             runs = {}
             for deployment, params in steps:
@@ -179,7 +180,7 @@ def test_a_worker_in_another_network_namespace_runs_every_flow(netns, stack_sett
             log.close()
         client = mlflow_client(urls["mlflow_url"])
         experiment = client.get_experiment_by_name(REGISTRY.experiment)
-        finetune_run = str(runs["finetune/on-demand"].id)
+        finetune_run = str(runs["finetune/standalone"].id)
         found = client.search_runs([experiment.experiment_id], f"tags.prefect_flow_run_id = '{finetune_run}'")
         assert len(found) == 1 and found[0].info.status == "FINISHED"
         run = found[0]

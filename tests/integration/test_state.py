@@ -60,9 +60,9 @@ def disk_loss(env, monkeypatch):
         monkeypatch.setattr(finetune_flow, name, wrapped)
     engine = training._finetune
 
-    def counted(spec, inputs, *, resume, stop_after_loop):
+    def counted(spec, inputs, *, resume, **kw):
         loss.engine_calls.append(resume)
-        return engine(spec, inputs, resume=resume, stop_after_loop=stop_after_loop)
+        return engine(spec, inputs, resume=resume, **kw)
 
     monkeypatch.setattr(training, "_finetune", counted)
     return loss
