@@ -433,3 +433,60 @@ def load_dataset_task(data: DataParams, split: str, work_dir: str) -> dict[str, 
             description=f"{len(ref.skipped)} image(s) of {ref.dataset}/{split} could not be decoded and were skipped.",
         )
     return ref.to_dict()
+
+
+def pool_version(data: DataParams, models: Any, store_dir: str) -> dict[str, Any]:
+    """The pool as this run finds it: its version (size, images per class, digest D) and what is new in it.
+
+    An image is *new* when the ``image_embeddings`` view holds no row for its content under this run's PVM
+    key (``tasks.features.cached_ids``): it was never featurized, so this run captions and embeds it; the
+    others were seen by an earlier run and are served from the feature cache. A folder that grows between
+    runs therefore shows ``new`` = the images added since (0 when nothing was dropped in).
+
+    Args:
+        data: the data parameters (the pool is ``data.train_split``).
+        models: the ``ModelParams`` (the PVM key of the cache lookup).
+        store_dir: the Feast store.
+
+    Returns:
+        ``{"dataset", "split", "size", "digest", "class_counts": {class name: images}, "new", "cached"}``.
+    """
+    from tasks.embeddings import feature_keys
+    from tasks.features import cached_ids
+
+    ds = load_split(data, data.train_split)
+    hashes = image_content_hashes(ds)
+    seen = cached_ids(store_dir, "image_embeddings", ds.ids, hashes, model_name=feature_keys(models, data, None).pvm)
+    counts = np.bincount(np.asarray(ds.labels, dtype=np.int64), minlength=ds.num_classes)
+    return {
+        "dataset": ds.name,
+        "split": data.train_split,
+        "size": len(ds),
+        "digest": dataset_digest(ds.ids, hashes, ds.labels),
+        "class_counts": {str(c): int(k) for c, k in zip(ds.class_names, counts.tolist())},
+        "new": int((~seen).sum()),
+        "cached": int(seen.sum()),
+    }
+
+
+@task(name="pool-version", **LOCAL_TASK)
+def pool_version_task(data: DataParams, models: Any, store_dir: str) -> dict[str, Any]:
+    """:func:`pool_version`, logged ("N images, n new, m seen before") and published as the table artifact
+    ``pool-version`` (one row per class, then the totals and the digest)."""
+    from prefect.artifacts import create_table_artifact
+
+    version = pool_version(data, models, store_dir)
+    get_run_logger().info(
+        "pool %s/%s: %d images in %d classes, %d new (captioned and embedded now), %d seen before (cached); "
+        "digest %s", version["dataset"], version["split"], version["size"], len(version["class_counts"]),
+        version["new"], version["cached"], version["digest"][:12],
+    )  # fmt: skip
+    rows = [{"class": c, "images": k} for c, k in version["class_counts"].items()]
+    rows.append({"class": "(all)", "images": version["size"]})
+    create_table_artifact(
+        key="pool-version",
+        table=rows,
+        description=f"Pool {version['dataset']}/{version['split']}: {version['size']} images, {version['new']} new, "
+        f"{version['cached']} seen before; digest {version['digest']}.",
+    )
+    return version
