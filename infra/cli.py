@@ -5,6 +5,7 @@
     vecaf deploy                   register the flows' deployments (pipeline on a cron schedule, promote...)
     vecaf run                      trigger vecaf-pipeline through its deployment, with parameters
     vecaf promote                  trigger the promote flow through its deployment (--rollback, --to-version N)
+    vecaf simulate --days N        daily drops of Fashion-MNIST replayed against the stack (infra/simulate.py)
     vecaf gc                       retention: old runs and versions, failed runs' work files, logs, Parquet
     vecaf data fetch               obtain Fashion-MNIST when Debian's package is not installed
 """
@@ -414,6 +415,29 @@ def promote(
             mv = aliases[alias]
             detail = "none" if mv is None else f"version {mv['version']} ({mv['tags'].get('promotion.decision', '-')})"
             typer.echo(f"{model_name}@{alias}: {detail}")
+
+
+@app.command()
+def simulate(
+    config: Optional[Path] = ConfigOption,
+    days: int = typer.Option(5, help="Days simulated (1-30): one drop of images and one pipeline run each."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny drops and few batches (CI)."),
+    shadow: bool = typer.Option(True, help="Also run the random-selection shadow each day."),
+) -> None:
+    """Replay Fashion-MNIST arriving in daily drops against the stack's deployments (VeCAF vs random shadow)."""
+    from infra.simulate import run_simulation, simulation_config
+    from vecaf.settings import load_settings
+
+    try:
+        plan = simulation_config(days, quick=quick, shadow=shadow)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        run_simulation(load_settings(config), plan)
+    except (RuntimeError, FileNotFoundError) as exc:
+        typer.echo(f"simulation failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command()

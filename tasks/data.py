@@ -472,7 +472,8 @@ def pool_version(data: DataParams, models: Any, store_dir: str) -> dict[str, Any
 @task(name="pool-version", **LOCAL_TASK)
 def pool_version_task(data: DataParams, models: Any, store_dir: str) -> dict[str, Any]:
     """:func:`pool_version`, logged ("N images, n new, m seen before") and published as the table artifact
-    ``pool-version`` (one row per class, then the totals and the digest)."""
+    ``pool-version``: one row per class, then "(all)", "(new)" and "(seen before)"; the digest in its
+    description."""
     from prefect.artifacts import create_table_artifact
 
     version = pool_version(data, models, store_dir)
@@ -482,7 +483,8 @@ def pool_version_task(data: DataParams, models: Any, store_dir: str) -> dict[str
         version["new"], version["cached"], version["digest"][:12],
     )  # fmt: skip
     rows = [{"class": c, "images": k} for c, k in version["class_counts"].items()]
-    rows.append({"class": "(all)", "images": version["size"]})
+    rows += [{"class": "(all)", "images": version["size"]}, {"class": "(new)", "images": version["new"]},
+             {"class": "(seen before)", "images": version["cached"]}]  # fmt: skip
     create_table_artifact(
         key="pool-version",
         table=rows,
