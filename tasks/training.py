@@ -119,17 +119,19 @@ def _manifest_ids_labels(path: str) -> tuple[list[str], np.ndarray]:
 
 def _features(spec: TrainSpec, split: str, manifest: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, e_i, labels) of a manifest's images; an image stored under another split (the same file in
-    both splits of an ImageFolder without split folders) is embedded once, so the split is not filtered."""
+    both splits of an ImageFolder without split folders) is embedded once, so the split is not filtered.
+
+    The labels are the manifest's (this run's class list): the label index Feast stored with an embedding is
+    the one of the run that computed it, and shifts when a growing ImageFolder gains a class folder (class
+    indices follow the sorted folder names), while the embedding, keyed by the image's content, stays valid."""
     from tasks.features import read_embeddings
 
     keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
     ids, labels = _manifest_ids_labels(manifest)
     try:
-        _, emb, stored = read_embeddings(spec.store_dir, pvm=keys.pvm, split=None, ids=ids)
+        _, emb, _stored_labels = read_embeddings(spec.store_dir, pvm=keys.pvm, split=None, ids=ids)
     except ValueError as exc:
-        raise ValueError(f"{exc}; run the featurize flow for PVM {keys.pvm!r} first") from exc
-    if not np.array_equal(stored, labels):
-        raise ValueError(f"labels stored in Feast for {split} differ from the dataset's; re-run the featurize flow")
+        raise ValueError(f"{exc}; run the featurize flow for {split} with PVM {keys.pvm!r} first") from exc
     return ids, emb, labels
 
 
