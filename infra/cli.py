@@ -30,7 +30,7 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML settings file (VE
 @app.command()
 def demo(
     config: Optional[Path] = ConfigOption,
-    pool_size: int = typer.Option(3000, help="Images of the Fashion-MNIST training split in the pool."),
+    pool_size: int = typer.Option(3000, help="Images of the Fashion-MNIST training split in the pool (half a day)."),
     test_size: int = typer.Option(1000, help="Images of the test split (evaluation and promotion)."),
     ratio: float = typer.Option(0.01, help="Fraction of the pool selected per loop."),
     loops: int = typer.Option(3, help="Selection + training loops."),
@@ -55,6 +55,9 @@ def demo(
         )  # fmt: skip
     except ValidationError as exc:
         typer.echo(f"invalid demo parameters:\n{exc}", err=True)
+        raise typer.Exit(2) from exc
+    except ValueError as exc:
+        typer.echo(f"invalid demo parameters: {exc}", err=True)
         raise typer.Exit(2) from exc
     except RuntimeError as exc:
         typer.echo(f"demo failed: {exc}", err=True)

@@ -36,7 +36,7 @@ import json
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +72,12 @@ class SimConfig:
         shadow: also run the random-selection shadow each day.
         model_name, experiment: where the VeCAF runs register and are tracked.
         shadow_model: the shadow's sandbox model.
-        fresh: delete the two registered models and empty the pool folder first.
+        fresh: delete the two registered models first (a simulation starts from no champion).
+        mode, method: the training mode and the selection method of the main lane.
+        ood_prompt: the caption suffix of the days that are not snowy.
+        folder: the folder under the state dir that holds the images and the summary.
         seed: the seed of the drops, the snow and training.
+        timeout_s: how long one pipeline run may take.
     """
 
     days: int
@@ -96,6 +100,10 @@ class SimConfig:
     experiment: str = SIM_EXPERIMENT
     shadow_model: str = SHADOW_MODEL
     fresh: bool = True
+    mode: str = "head"
+    method: str = "vecaf"
+    ood_prompt: str | None = None
+    folder: str = "simulate"
     seed: int = 0
     timeout_s: float = 3600.0
 
@@ -104,8 +112,9 @@ FULL = {"per_day": 600, "holdout_per_class": 50, "fixed_per_class": 100, "image_
         "loops": 3, "batch_budget": 300, "batch_size": 32}  # fmt: skip
 """``vecaf simulate``: the demo's training settings, 600 images a day (3000 by day 5, the demo's pool)."""
 QUICK = {"per_day": 60, "holdout_per_class": 5, "fixed_per_class": 10, "image_size": 32, "ratio": 0.1,
-         "loops": 2, "batch_budget": 10, "batch_size": 16, "lr": 0.01}  # fmt: skip
-"""``--quick`` (CI): 60 images a day at 32 px, 2 loops of 10 batches in all."""
+         "loops": 2, "batch_budget": 20, "batch_size": 16, "lr": 0.05}  # fmt: skip
+"""``--quick`` (CI): 60 images a day at 32 px, 2 loops of 20 batches in all (lr 0.05: a fresh head must move
+within 20 batches)."""
 
 
 def simulation_config(days: int, *, quick: bool = False, shadow: bool = True, **overrides: Any) -> SimConfig:
@@ -281,8 +290,8 @@ class Arrivals:
         )
 
     def start(self) -> None:
-        """Empty the pool folder (``fresh``) and write the fixed evaluation sets (clean and snowy)."""
-        if self.config.fresh and self.folders.pool.exists():
+        """Empty the pool folder (day 1 starts it again) and write the fixed evaluation sets (clean and snowy)."""
+        if self.folders.pool.exists():
             shutil.rmtree(self.folders.pool)
         if self.config.fixed_per_class:
             for folder in (self.folders.fixed_clean, self.folders.fixed_snow):
@@ -322,7 +331,7 @@ class Arrivals:
 # One day against the stack
 
 
-def day_parameters(config: SimConfig, day: int, folders: Folders, classes: Sequence[str], *, method: str = "vecaf",
+def day_parameters(config: SimConfig, day: int, folders: Folders, classes: Sequence[str], *, method: str | None = None,
                    model_name: str | None = None) -> Any:  # fmt: skip
     """The ``PipelineParams`` of ``day`` (validated): the growing ImageFolder, the day's prompt and objective."""
     from flows.params import DataParams, ObjectiveParams, PipelineParams, RegistryParams, TrainingParams
@@ -331,10 +340,11 @@ def day_parameters(config: SimConfig, day: int, folders: Folders, classes: Seque
     return PipelineParams(
         data=DataParams(dataset="imagefolder", root=str(folders.pool), pool_size=None, test_size=None,
                         image_size=config.image_size, subset_seed=config.seed),  # fmt: skip
-        ood_prompt=SNOW_PROMPT if day == config.snow_day else None,
+        ood_prompt=SNOW_PROMPT if day == config.snow_day else config.ood_prompt,
         objective=ObjectiveParams(**objective),
         training=TrainingParams(
-            method=method, ratio=config.ratio, loops=config.loops, batch_budget=config.batch_budget,
+            mode=config.mode, method=method or config.method, ratio=config.ratio, loops=config.loops,
+            batch_budget=config.batch_budget,
             batch_size=config.batch_size, lr=config.lr, seed=config.seed,
         ),  # fmt: skip
         registry=RegistryParams(experiment=config.experiment, model_name=model_name or config.model_name, promote=True),
@@ -399,6 +409,7 @@ def run_pipeline_day(settings: Settings, deployment: str, params: Any, *, timeou
         return {**out, "noop": reason or "nothing new", "selected": 0, "version": None, "decision": "no-op",
                 "reason": reason}  # fmt: skip
     summary = collect_summary(settings, run)
+    out["summary"] = summary
     client = mlflow_client(str(settings_mlflow_url(settings)))
     tags = client.get_run(summary["run_id"]).data.tags
     model = summary["model"]
@@ -541,7 +552,7 @@ def run_days(settings: Settings, config: SimConfig, *, console: Any, on_poll: An
     from infra.stack import state_dir
 
     start = time.monotonic()
-    folders = Folders(state_dir(settings) / "simulate")
+    folders = Folders(state_dir(settings) / config.folder)
     tracking = settings_mlflow_url(settings)
     if config.fresh:
         delete_models(tracking, [config.model_name] + [config.shadow_model] * config.shadow)
@@ -557,7 +568,7 @@ def run_days(settings: Settings, config: SimConfig, *, console: Any, on_poll: An
                       + (f"; {'; '.join(events)}" if events else ""))  # fmt: skip
         weights = day_weights(config, day)
         runs: dict[str, Any] = {}
-        lanes = [("vecaf", "vecaf", config.model_name, PIPELINE_DEPLOYMENT)]
+        lanes = [("vecaf", config.method, config.model_name, PIPELINE_DEPLOYMENT)]
         if config.shadow:
             lanes.append(("shadow", "random", config.shadow_model, EXPERIMENT_DEPLOYMENT))
         for lane, method, name, deployment in lanes:
@@ -570,7 +581,7 @@ def run_days(settings: Settings, config: SimConfig, *, console: Any, on_poll: An
             runs[lane] = run
             console.print("   " + day_line(lane, method, run))
         days.append({
-            "day": day, "drop": drop, "events": events, "ood_prompt": SNOW_PROMPT if day == config.snow_day else None,
+            "day": day, "drop": drop, "events": events, "ood_prompt": params.ood_prompt,
             "objective": {"kind": "ce"} if weights is None else {"kind": "class-weighted", "weights": weights},
             "vecaf": runs["vecaf"], "shadow": runs.get("shadow"), "seconds": round(time.monotonic() - t0, 1),
         })  # fmt: skip
@@ -581,14 +592,16 @@ def run_days(settings: Settings, config: SimConfig, *, console: Any, on_poll: An
 def day_line(lane: str, method: str, run: Mapping[str, Any]) -> str:
     """One line on a lane's day: the pool, what was done, the decision, the champion's score."""
     pool = run.get("pool") or {}
-    head = f"{lane} ({method}): pool {pool.get('size')} images ({pool.get('new')} new, {pool.get('cached')} seen before)"
+    head = (f"{lane} ({method}): pool {pool.get('size')} images ({pool.get('new')} new, {pool.get('cached')} seen "
+            "before)")  # fmt: skip
     if run.get("noop"):
         return f"{head}; no-op: {run['noop']}"
     top1 = run.get("top1")
     score = "none" if top1 is None else f"{top1:.4f}"
     snow = f", snow {run['top1_snow']:.4f}" if run.get("top1_snow") is not None else ""
     return (f"{head}; {run.get('selected')} selected, start {run.get('init_used')}; version {run.get('version')} "
-            f"{run.get('decision')}; champion v{run.get('champion_version')} top-1 {score}{snow}; {run['seconds']:.0f} s")  # fmt: skip
+            f"{run.get('decision')}; champion v{run.get('champion_version')} top-1 {score}{snow}; "
+            f"{run['seconds']:.0f} s")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -604,7 +617,8 @@ def summary_table(days: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "day": d["day"], "events": "; ".join(d["events"]) or "-", "pool": (v.get("pool") or {}).get("size"),
             "new": (v.get("pool") or {}).get("new"), "selected": v.get("selected"), "decision": v.get("decision"),
             "champion": v.get("champion_version"), "top1": v.get("top1"), "top1_snow": v.get("top1_snow"),
-            "objective": v.get("objective_metric"), "shadow_top1": s.get("top1"), "shadow_top1_snow": s.get("top1_snow"),
+            "objective": v.get("objective_metric"), "shadow_top1": s.get("top1"),
+            "shadow_top1_snow": s.get("top1_snow"),
             "shadow_objective": s.get("objective_metric"), "shadow_decision": s.get("decision"),
             "seconds": d["seconds"],
         })  # fmt: skip
@@ -647,8 +661,9 @@ def simulation_figure(table: Sequence[Mapping[str, Any]]) -> Any:
 
     days = [r["day"] for r in table]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    for key, label, style in (("top1", "VeCAF", "-o"), ("shadow_top1", "random (shadow)", "--o"),
-                              ("top1_snow", "VeCAF, snowy set", "-^"), ("shadow_top1_snow", "random, snowy set", "--^")):  # fmt: skip
+    lines = (("top1", "VeCAF", "-o"), ("shadow_top1", "random (shadow)", "--o"),
+             ("top1_snow", "VeCAF, snowy set", "-^"), ("shadow_top1_snow", "random, snowy set", "--^"))  # fmt: skip
+    for key, label, style in lines:
         values = [r.get(key) for r in table]
         if any(v is not None for v in values):
             top.plot(days, [np.nan if v is None else v for v in values], style, label=label)
