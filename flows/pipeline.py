@@ -87,7 +87,7 @@ def vecaf_pipeline(
     learned = {"data": data.model_dump(mode="json"), "models": models.model_dump(mode="json"),
                "ood_prompt": (ood_prompt or "").strip() or None, "objective": objective.model_dump(mode="json"),
                "training": training.model_dump(mode="json")}  # fmt: skip
-    noop = nothing_new_task(rt.tracking_uri, registry.model_name, pool["digest"], learned)
+    noop = None if pool is None else nothing_new_task(rt.tracking_uri, registry.model_name, pool["digest"], learned)
     if noop:
         publish_noop_summary_task(noop, pool, registry.model_name)
         return {"pool": pool, "noop": noop, "caption": None, "featurize": None, "finetune": None, "promote": None,
@@ -103,7 +103,7 @@ def vecaf_pipeline(
         tuned = finetune(
             data=data, models=models, ood_prompt=ood_prompt, objective=objective, training=training, registry=registry
         )
-        log_pool_version_task(rt.tracking_uri, tuned["run_id"], pool)
+        log_pool_version_task(rt.tracking_uri, tuned["run_id"], pool) if pool is not None else None
         progress.done("finetune")
         decision = promote(data=data, registry=registry, device=models.device) if registry.promote else None
         progress.done("promote") if registry.promote else None

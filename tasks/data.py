@@ -470,13 +470,22 @@ def pool_version(data: DataParams, models: Any, store_dir: str) -> dict[str, Any
 
 
 @task(name="pool-version", **LOCAL_TASK)
-def pool_version_task(data: DataParams, models: Any, store_dir: str) -> dict[str, Any]:
+def pool_version_task(data: DataParams, models: Any, store_dir: str) -> dict[str, Any] | None:
     """:func:`pool_version`, logged ("N images, n new, m seen before") and published as the table artifact
     ``pool-version``: one row per class, then "(all)", "(new)" and "(seen before)"; the digest in its
-    description."""
+    description.
+
+    A pool that cannot be loaded (missing folder, no class folders...) gives None and a warning: the step
+    that loads it for real (``load-dataset`` in caption/featurize) then fails with the reason, as it would
+    without this count.
+    """
     from prefect.artifacts import create_table_artifact
 
-    version = pool_version(data, models, store_dir)
+    try:
+        version = pool_version(data, models, store_dir)
+    except (OSError, ValueError) as exc:
+        get_run_logger().warning("pool version unknown (%s); the data steps below report it", exc)
+        return None
     get_run_logger().info(
         "pool %s/%s: %d images in %d classes, %d new (captioned and embedded now), %d seen before (cached); "
         "digest %s", version["dataset"], version["split"], version["size"], len(version["class_counts"]),
