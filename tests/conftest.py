@@ -40,4 +40,4 @@ def _deterministic_torch():
 
 
 # The real local stack (Prefect, MLflow, S3, worker) on free ports, shared by tests/integration and tests/flows.
-from stack_fixtures import free_port, stack, stack_environ, stack_settings  # noqa: E402,F401
+from stack_fixtures import free_port, stack, stack_clients, stack_environ, stack_settings  # noqa: E402,F401

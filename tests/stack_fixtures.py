@@ -143,3 +143,22 @@ def free_port() -> Callable[[], int]:
 def stack_settings() -> Callable[..., StackSettings]:
     """A factory ``(state_dir, **overrides) -> StackSettings`` on free ports (see ``make_stack_settings``)."""
     return make_stack_settings
+
+
+@pytest.fixture(scope="module")
+def stack_clients(stack: LocalStack) -> Iterator[LocalStack]:
+    """This module's process pointed at the session stack: its client environment (``load_settings()``, MLflow,
+    boto3) and Prefect's API URL, for every test of the module; queued Prefect logs and events are sent
+    before the module ends (while the stack still answers)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    patch = pytest.MonkeyPatch()
+    for key, value in stack.env.items():
+        patch.setenv(key, value)
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+        yield stack
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
+    patch.undo()

@@ -22,21 +22,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def env(stack):
-    """This process's Prefect client, MLflow helpers and ``load_settings()`` pointed at the session stack."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    patch = pytest.MonkeyPatch()
-    for key, value in stack.env.items():
-        patch.setenv(key, value)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        yield stack
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=30)
-        EventsWorker.drain_all(timeout=30)
-    patch.undo()
+def env(stack_clients):
+    return stack_clients
 
 
 @pytest.fixture(scope="module")
