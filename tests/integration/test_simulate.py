@@ -82,6 +82,8 @@ def test_late_classes_refuse_the_warm_start_and_the_events_are_recorded(simulati
     assert len(day1["drop"]["classes"]) == 8 and sorted(day2["drop"]["classes_new"]) == ["Ankle boot", "Bag"]
     assert day1["vecaf"]["init_used"] == "base" and "no champion yet" in day1["vecaf"]["init_reason"]
     assert day2["vecaf"]["init_used"] == "base" and "warm start refused" in day2["vecaf"]["init_reason"]
+    # the 8-class champion was evaluated on the 10-class held-out split, its classes mapped by name
+    assert "does not know ['Ankle boot', 'Bag']" in day2["vecaf"]["reason"]
     if day2["vecaf"]["decision"] == "promoted":  # a champion on all ten classes: day 3 starts from it
         assert day3["vecaf"]["init_used"] == "champion", day3["vecaf"]["init_reason"]
     assert day2["drop"]["domain"] == "snow" and day2["ood_prompt"] == "It's a snowy day!"
