@@ -719,12 +719,23 @@ def write_outputs(settings: Settings, summary: dict[str, Any]) -> dict[str, str]
     client.log_artifact(run_id, str(root / "summary.json"))
     client.log_artifact(run_id, str(figure_path))
     client.set_terminated(run_id, "FINISHED")
+    with prefect_api(settings):
+        publish_summary(summary["markdown"])
+    return {**summary["outputs"], "mlflow_run": summary["mlflow_run_url"]}
+
+
+def publish_summary(markdown: str) -> None:
+    """The Prefect markdown artifact ``vecaf-simulate-summary``, created in a short flow run of its own
+    (``vecaf-simulate``, run here) that it is attached to (Prefect deprecates artifacts made outside a run)."""
+    from prefect import flow
     from prefect.artifacts import create_markdown_artifact
 
-    with prefect_api(settings):
-        create_markdown_artifact(markdown=summary["markdown"], key=ARTIFACT_KEY,
+    @flow(name="vecaf-simulate", description="The summary of a `vecaf simulate` run (its days ran as deployments).")
+    def vecaf_simulate_summary(markdown: str) -> None:
+        create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY,
                                  description="vecaf simulate: the days, VeCAF vs random shadow")  # fmt: skip
-    return {**summary["outputs"], "mlflow_run": summary["mlflow_run_url"]}
+
+    vecaf_simulate_summary(markdown)
 
 
 def ensure_deployments(settings: Settings, console: Any) -> None:
