@@ -357,7 +357,12 @@ def run(
         from rich.console import Console
 
         from infra.demo import collect_summary, print_summary
+        from infra.simulate import pipeline_noop
 
+        noop = pipeline_noop(settings, flow_run.id)
+        if noop is not None:
+            typer.echo(f"nothing to do: {noop}")
+            return
         print_summary(Console(), collect_summary(settings, flow_run))
 
 

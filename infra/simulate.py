@@ -377,6 +377,23 @@ def read_pool_version(artifact: Any) -> dict[str, Any]:
             "cached": totals.get("(seen before)"), "class_counts": counts, "digest": digest}  # fmt: skip
 
 
+def noop_reason(artifacts: Mapping[str, Any]) -> str | None:
+    """Why a pipeline run did nothing, from its ``vecaf-pipeline-summary`` artifact (None: it trained)."""
+    text = str(getattr(artifacts.get("vecaf-pipeline-summary"), "data", "") or "")
+    if not text.startswith("# VeCAF pipeline run: nothing to do"):
+        return None
+    reason = text.split("**", 2)[1].split(": ", 1)[-1].rstrip(".") if "**" in text else ""
+    return reason or "nothing new"
+
+
+def pipeline_noop(settings: Settings, flow_run_id: Any) -> str | None:
+    """:func:`noop_reason` of a finished ``vecaf-pipeline`` flow run, read from the Prefect API."""
+    from flows.deploy import prefect_api
+
+    with prefect_api(settings):
+        return noop_reason(_artifacts(flow_run_id))
+
+
 def run_pipeline_day(settings: Settings, deployment: str, params: Any, *, timeout: float,
                      on_poll: Any = None) -> dict[str, Any]:  # fmt: skip
     """Trigger one pipeline run, wait for it, and read back what it did.
@@ -403,11 +420,9 @@ def run_pipeline_day(settings: Settings, deployment: str, params: Any, *, timeou
         artifacts = _artifacts(run.id)
     out: dict[str, Any] = {"flow_run_id": str(run.id), "state": run.state.name, "seconds": seconds, "noop": None}
     out["pool"] = read_pool_version(artifacts["pool-version"]) if "pool-version" in artifacts else None
-    summary_text = str(getattr(artifacts.get("vecaf-pipeline-summary"), "data", "") or "")
-    if summary_text.startswith("# VeCAF pipeline run: nothing to do"):
-        reason = summary_text.split("**", 2)[1].split(": ", 1)[-1].rstrip(".") if "**" in summary_text else ""
-        return {**out, "noop": reason or "nothing new", "selected": 0, "version": None, "decision": "no-op",
-                "reason": reason}  # fmt: skip
+    reason = noop_reason(artifacts)
+    if reason is not None:
+        return {**out, "noop": reason, "selected": 0, "version": None, "decision": "no-op", "reason": reason}
     summary = collect_summary(settings, run)
     out["summary"] = summary
     client = mlflow_client(str(settings_mlflow_url(settings)))

@@ -346,11 +346,16 @@ def publish_pipeline_summary_task(
     return text
 
 
+def noop_summary_markdown(reason: str, pool: dict[str, Any], model_name: str) -> str:
+    """The summary of a pipeline run that had nothing new to learn: the title says so, then why, then the pool."""
+    return "\n".join(["# VeCAF pipeline run: nothing to do", "", f"**{model_name}: {reason}.**", "", pool_line(pool)])
+
+
 @task(name="publish-pipeline-summary", **SERVER_TASK)
 def publish_noop_summary_task(reason: str, pool: dict[str, Any], model_name: str) -> str:
     """The summary artifact of a pipeline run that had nothing new to learn (nothing trained or registered)."""
     from prefect.artifacts import create_markdown_artifact
 
-    text = "\n".join(["# VeCAF pipeline run: nothing to do", "", f"**{model_name}: {reason}.**", "", pool_line(pool)])
+    text = noop_summary_markdown(reason, pool, model_name)
     create_markdown_artifact(markdown=text, key="vecaf-pipeline-summary", description="What this pipeline run produced")
     return text

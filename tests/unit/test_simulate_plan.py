@@ -12,6 +12,7 @@ from infra.simulate import (
     day_events,
     day_objective,
     day_weights,
+    noop_reason,
     objective_metric,
     plan_drops,
     read_pool_version,
@@ -104,3 +105,17 @@ def test_pool_version_tags_and_the_artifact_round_trip():
             {"class": "(new)", "images": 3}, {"class": "(seen before)", "images": 4}]  # fmt: skip
     artifact = SimpleNamespace(data=json.dumps(rows), description=f"Pool x: 7 images; digest {'f' * 64}.")
     assert read_pool_version(artifact) == {**version}
+
+
+def test_a_no_op_is_read_from_the_pipeline_summary_artifact():
+    from tasks.reports import noop_summary_markdown, pool_line
+
+    reason = "no new images since version 3 (pool digest ffffffffffff, trained with the same parameters): nothing " \
+             "trained, nothing registered, the champion stays"
+    pool = {"size": 7, "digest": "f" * 64, "new": 0, "cached": 7, "class_counts": {"a": 5, "b": 2}}
+    text = noop_summary_markdown(reason, pool, "m")
+    assert noop_reason({"vecaf-pipeline-summary": SimpleNamespace(data=text)}) == reason
+    trained = "# VeCAF pipeline run\n\n**Final held-out top-1: 0.5**"
+    assert noop_reason({"vecaf-pipeline-summary": SimpleNamespace(data=trained)}) is None
+    assert noop_reason({}) is None
+    assert "**0 new**" in pool_line(pool) and "7 seen before" in pool_line(pool)
