@@ -276,14 +276,13 @@ def run_demo(
         ValueError: sizes that do not fit (before anything starts).
         RuntimeError: a pipeline run did not complete (its state is named; see the worker's log).
     """
-    from rich.console import Console
     from rich.table import Table
 
     from flows.deploy import PIPELINE_DEPLOYMENT, deploy
-    from infra.simulate import Folders, day_parameters, run_days
+    from infra.simulate import Folders, day_parameters, run_days, wide_console
     from infra.stack import stack_urls, state_dir, up
 
-    console = console or Console()
+    console = console or wide_console()
     config = demo_config(
         pool_size=pool_size, test_size=test_size, image_size=image_size, ratio=ratio, loops=loops,
         batch_budget=batch_budget, mode=mode, method=method, ood_prompt=ood_prompt, timeout=timeout,

@@ -777,11 +777,7 @@ def run_simulation(settings: Settings, config: SimConfig, *, console: Any = None
     Raises:
         RuntimeError: a day's pipeline run did not complete.
     """
-    import sys
-
-    from rich.console import Console
-
-    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    console = console or wide_console()
     console.rule(f"[bold]VeCAF simulation: {config.days} days")
     ensure_deployments(settings, console)
     summary = run_days(settings, config, console=console)
@@ -791,6 +787,15 @@ def run_simulation(settings: Settings, config: SimConfig, *, console: Any = None
     for label, location in where.items():
         console.print(f"{label}: {location}")
     return summary
+
+
+def wide_console() -> Any:
+    """A rich console; off a terminal (a log file, CI) 150 columns wide, so the day tables do not wrap."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 150)
 
 
 def print_table(console: Any, table: Sequence[Mapping[str, Any]]) -> None:
