@@ -635,7 +635,7 @@ def summary_table(days: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "objective": v.get("objective_metric"), "shadow_top1": s.get("top1"),
             "shadow_top1_snow": s.get("top1_snow"),
             "shadow_objective": s.get("objective_metric"), "shadow_decision": s.get("decision"),
-            "seconds": d["seconds"],
+            "seconds": round(d["seconds"]),
         })  # fmt: skip
     return rows
 
