@@ -9,8 +9,10 @@ global concurrency limit ``vecaf-promote-<model>`` with one slot), so two promot
 2. ``load-dataset``: the held-out split (its manifest and digest; the same images for both models).
 3. ``evaluate-model`` for the challenger, and for the champion when there is one: top-1 and loss computed
    here from the images with each model's own preprocessing (logged numbers are not trusted). A champion
-   trained for other classes, or not in the pickle-free format, is not evaluated: it is kept, and the
-   decision says why.
+   that predicts a subset of the held-out classes (the pool gained classes since) is evaluated with its
+   classes mapped by name, the images of classes it does not know counting as errors. A champion trained
+   for classes outside the held-out's, or not in the pickle-free format, is not evaluated: it is kept, and
+   the decision says why.
 4. Decide (``tasks.registry.decide``): promote when there is no champion, or when the challenger's top-1
    beats the champion's by more than ``registry.promotion_margin``.
 5. ``promote-champion`` (only when promoted): the aliases are read again; ``champion`` -> the challenger only
@@ -154,7 +156,7 @@ def _evaluate_and_decide(
             f"({champion['format_error']}): champion kept (move the alias by hand to replace it)"
         )
         return {**out, "promoted": False, "reason": reason, "outcome": "kept-champion"}
-    if champion["class_names"] != holdout["class_names"]:
+    if not set(champion["class_names"] or []) <= set(holdout["class_names"]):
         reason = (
             f"champion version {champion['version']} predicts other classes than {data.dataset} and cannot be "
             "evaluated on this held-out split: champion kept (move the alias by hand, or use another model_name)"
@@ -163,6 +165,8 @@ def _evaluate_and_decide(
     out["champion_eval"] = evaluate_model_task(rt.tracking_uri, f"models:/{name}/{champion['version']}", data, device)
     promoted, reason = decide(out["challenger_eval"]["top1"], out["champion_eval"]["top1"], registry.promotion_margin)
     reason = f"{reason} (challenger v{challenger['version']} vs champion v{champion['version']})"
+    if out["champion_eval"]["unknown_classes"]:  # the pool gained classes since the champion was trained
+        reason += f"; the champion does not know {out['champion_eval']['unknown_classes']}: their images count as errors"
     return {**out, "promoted": promoted, "reason": reason, "outcome": "promoted" if promoted else "kept-champion"}
 
 

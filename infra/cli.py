@@ -5,6 +5,7 @@
     vecaf deploy                   register the flows' deployments (pipeline on a cron schedule, promote...)
     vecaf run                      trigger vecaf-pipeline through its deployment, with parameters
     vecaf promote                  trigger the promote flow through its deployment (--rollback, --to-version N)
+    vecaf simulate --days N        daily drops of Fashion-MNIST replayed against the stack (infra/simulate.py)
     vecaf gc                       retention: old runs and versions, failed runs' work files, logs, Parquet
     vecaf data fetch               obtain Fashion-MNIST when Debian's package is not installed
 """
@@ -29,7 +30,7 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML settings file (VE
 @app.command()
 def demo(
     config: Optional[Path] = ConfigOption,
-    pool_size: int = typer.Option(3000, help="Images of the Fashion-MNIST training split in the pool."),
+    pool_size: int = typer.Option(3000, help="Images of the Fashion-MNIST training split in the pool (half a day)."),
     test_size: int = typer.Option(1000, help="Images of the test split (evaluation and promotion)."),
     ratio: float = typer.Option(0.01, help="Fraction of the pool selected per loop."),
     loops: int = typer.Option(3, help="Selection + training loops."),
@@ -54,6 +55,9 @@ def demo(
         )  # fmt: skip
     except ValidationError as exc:
         typer.echo(f"invalid demo parameters:\n{exc}", err=True)
+        raise typer.Exit(2) from exc
+    except ValueError as exc:
+        typer.echo(f"invalid demo parameters: {exc}", err=True)
         raise typer.Exit(2) from exc
     except RuntimeError as exc:
         typer.echo(f"demo failed: {exc}", err=True)
@@ -353,7 +357,12 @@ def run(
         flow_run = wait_with_progress(settings, flow_run.id, Console())
         _report_end(settings, flow_run)
         from infra.demo import collect_summary, print_summary
+        from infra.simulate import pipeline_noop
 
+        noop = pipeline_noop(settings, flow_run.id)
+        if noop is not None:
+            typer.echo(f"nothing to do: {noop}")
+            return
         print_summary(Console(), collect_summary(settings, flow_run))
 
 
@@ -414,6 +423,29 @@ def promote(
             mv = aliases[alias]
             detail = "none" if mv is None else f"version {mv['version']} ({mv['tags'].get('promotion.decision', '-')})"
             typer.echo(f"{model_name}@{alias}: {detail}")
+
+
+@app.command()
+def simulate(
+    config: Optional[Path] = ConfigOption,
+    days: int = typer.Option(5, help="Days simulated (1-30): one drop of images and one pipeline run each."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny drops and few batches (CI)."),
+    shadow: bool = typer.Option(True, help="Also run the random-selection shadow each day."),
+) -> None:
+    """Replay Fashion-MNIST arriving in daily drops against the stack's deployments (VeCAF vs random shadow)."""
+    from infra.simulate import run_simulation, simulation_config
+    from vecaf.settings import load_settings
+
+    try:
+        plan = simulation_config(days, quick=quick, shadow=shadow)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    try:
+        run_simulation(load_settings(config), plan)
+    except (RuntimeError, FileNotFoundError) as exc:
+        typer.echo(f"simulation failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command()

@@ -1,13 +1,20 @@
 """``make demo`` / ``vecaf demo``: the whole product on the embedded defaults, through the real servers.
 
+The demo is two simulated days of recurring finetuning (``infra/simulate.py``, its :func:`run_days`):
+
 1. Start the stack (S3, MLflow, Prefect server, worker) unless it is already up.
-2. Deploy the flows (``flows/deploy.py``); the scheduled pipeline deployment gets the demo's parameters.
-3. Trigger ``vecaf-pipeline/production`` through Prefect (the run is visible in the UI and runs in
-   the stack's worker): Fashion-MNIST, EfficientNet-Lite0 (frozen, ``head`` mode), the ImageNet-label
-   captioner and MiniLM, VeCAF selection with CEA; each task is printed as it finishes, and the run's
-   progress artifacts as bars (``infra/progress.py``).
-4. Print the summary: test accuracy per loop, the registered model version and its aliases, the MLflow run
-   URL, the Prefect flow-run URL, where the artifacts are in S3; write it to ``<state_dir>/demo/summary.json``.
+2. Deploy the flows (``flows/deploy.py``); the scheduled pipeline deployment gets the demo's parameters, so
+   its nightly run retrains on the demo's folder (a no-op until new images arrive).
+3. Day 1: half of the demo's Fashion-MNIST pool lands as PNGs in ``<state_dir>/demo/pool``; the worker runs
+   ``vecaf-pipeline/production`` (triggered through Prefect, visible in the UI): EfficientNet-Lite0
+   (frozen, ``head`` mode), the ImageNet-label captioner and MiniLM, VeCAF selection with CEA; the first
+   model becomes champion. Each task is printed as it finishes, and the run's progress artifacts as bars
+   (``infra/progress.py``).
+4. Day 2: the other half lands; only it is captioned and embedded; training warm-starts from the champion
+   (loop 1 selects with the champion's losses); the promote flow decides whether the new model replaces it.
+5. Print the days (pool, new images, per-loop top-1, the decisions) and the last run's summary (registered
+   model version and aliases, MLflow and Prefect URLs, S3 locations); write it to
+   ``<state_dir>/demo/summary.json``.
 
 The stack stays up for exploring (``vecaf stack down`` / ``make stop`` stops it).
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from vecaf.settings import Settings
@@ -32,9 +40,11 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "mode": "head",
     "method": "vecaf",
 }
+"""The pool over both days (half a day), the held-out split, and each day's training."""
+DEMO_DAYS = 2
 
 
-def demo_parameters(
+def demo_config(
     *,
     pool_size: int = DEMO_DEFAULTS["pool_size"],
     test_size: int = DEMO_DEFAULTS["test_size"],
@@ -42,23 +52,33 @@ def demo_parameters(
     ratio: float = DEMO_DEFAULTS["ratio"],
     loops: int = DEMO_DEFAULTS["loops"],
     batch_budget: int = DEMO_DEFAULTS["batch_budget"],
-    batch_size: int = DEMO_DEFAULTS["batch_size"],
-    lr: float = DEMO_DEFAULTS["lr"],
     mode: str = DEMO_DEFAULTS["mode"],
     method: str = DEMO_DEFAULTS["method"],
     ood_prompt: str | None = None,
+    timeout: float = 3600.0,
 ) -> Any:
-    """The demo's ``PipelineParams`` (validated: an out-of-range value raises ``ValidationError``)."""
-    from flows.params import DataParams, PipelineParams, RegistryParams, TrainingParams
+    """The demo as a two-day simulation (``infra.simulate.SimConfig``) on the production model: no late
+    classes, no snow, no objective change, no shadow; the champion's score is the promotion's held-out top-1.
 
-    return PipelineParams(
-        data=DataParams(dataset="fashion-mnist", pool_size=pool_size, test_size=test_size, image_size=image_size),
-        ood_prompt=ood_prompt,
-        training=TrainingParams(
-            mode=mode, method=method, ratio=ratio, loops=loops, batch_budget=batch_budget, batch_size=batch_size, lr=lr
-        ),
-        registry=RegistryParams(),
-    )
+    Raises:
+        ValueError: a size that does not fit (e.g. a pool smaller than two images per class a day).
+        pydantic.ValidationError: a training parameter out of range (checked on the day's parameters).
+    """
+    from flows.params import RegistryParams
+    from infra.simulate import Folders, day_parameters, simulation_config
+
+    if pool_size < 2 * DEMO_DAYS * 10 or test_size < 10:
+        raise ValueError(f"the demo needs pool_size >= {2 * DEMO_DAYS * 10} and test_size >= 10 (10 classes)")
+    registry = RegistryParams()
+    config = simulation_config(
+        DEMO_DAYS, shadow=False, per_day=pool_size // DEMO_DAYS, holdout_per_class=test_size // 10, fixed_per_class=0,
+        image_size=image_size, ratio=ratio, loops=loops, batch_budget=batch_budget,
+        batch_size=DEMO_DEFAULTS["batch_size"], lr=DEMO_DEFAULTS["lr"], late_day=None, snow_day=None,
+        objective_day=None, model_name=registry.model_name, experiment=registry.experiment, fresh=False, mode=mode,
+        method=method, ood_prompt=ood_prompt, folder="demo", timeout_s=timeout,
+    )  # fmt: skip
+    day_parameters(config, 1, Folders(Path(".")), [])  # a training parameter out of range fails here
+    return config
 
 
 class _Progress:
@@ -66,7 +86,7 @@ class _Progress:
 
     def __init__(self, console: Any, flow_run_id: Any, start: float) -> None:
         self.console = console
-        self.root = flow_run_id
+        self.root = flow_run_id  # None: the flow run polled first
         self.start = start
         self.done: set[Any] = set()
         self.flows: dict[Any, str] = {}
@@ -82,6 +102,7 @@ class _Progress:
             TaskRunFilterFlowRunId,
         )
 
+        self.root = self.root or run.id
         state = run.state.name if run.state else "?"
         if state != self.last_state:
             self.console.print(f"[dim]{self._t()}[/] vecaf-pipeline run [bold]{run.name}[/]: {state}")
@@ -245,31 +266,35 @@ def run_demo(
     timeout: float = 3600.0,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Stack up, deploy, run ``vecaf-pipeline`` through its deployment, print and return the summary.
+    """Stack up, deploy, two simulated days through the pipeline deployment; print and return the summary.
+
+    Returns:
+        The last day's :func:`collect_summary`, with ``"days"`` (each day's pool, loops, decision, champion)
+        and ``"seconds"``.
 
     Raises:
         pydantic.ValidationError: a parameter out of range (before anything starts).
-        RuntimeError: the pipeline run did not complete (its state and the worker's log are named).
+        ValueError: sizes that do not fit (before anything starts).
+        RuntimeError: a pipeline run did not complete (its state is named; see the worker's log).
     """
-    from rich.console import Console
     from rich.table import Table
 
-    from flows.deploy import PIPELINE_DEPLOYMENT, deploy, trigger
-    from flows.runtime import flow_run_url
-    from infra.progress import wait_with_progress
+    from flows.deploy import PIPELINE_DEPLOYMENT, deploy
+    from infra.simulate import Folders, day_parameters, run_days, wide_console
     from infra.stack import stack_urls, state_dir, up
 
-    console = console or Console()
-    params = demo_parameters(
+    console = console or wide_console()
+    config = demo_config(
         pool_size=pool_size, test_size=test_size, image_size=image_size, ratio=ratio, loops=loops,
-        batch_budget=batch_budget, mode=mode, method=method, ood_prompt=ood_prompt,
+        batch_budget=batch_budget, mode=mode, method=method, ood_prompt=ood_prompt, timeout=timeout,
     )  # fmt: skip
     t0 = time.monotonic()
-    console.rule("[bold]VeCAF pipeline demo")
+    console.rule("[bold]VeCAF pipeline demo: two days of recurring finetuning")
     console.print(
-        f"Fashion-MNIST: pool {pool_size} images, held-out {test_size}; EfficientNet-Lite0 at {image_size} px "
-        f"({mode} mode), ImageNet-label captions, MiniLM text embeddings; {method} selects {ratio:.1%} of the pool "
-        f"in each of {loops} loops, {batch_budget} training batches in all."
+        f"Fashion-MNIST arrives in {DEMO_DAYS} daily drops of {config.per_day} images (held-out {test_size}); "
+        f"EfficientNet-Lite0 at {image_size} px ({mode} mode), ImageNet-label captions, MiniLM text embeddings; "
+        f"each day {method} selects {ratio:.1%} of the pool in each of {loops} loops, {batch_budget} training "
+        "batches, starting from the champion when there is one."
     )
     console.print("[bold]1.[/] Starting the stack (S3, MLflow, Prefect server, worker)...")
     statuses = up(settings)
@@ -280,38 +305,76 @@ def run_demo(
         table.add_row(s.name, s.url, s.detail)
     console.print(table)
     console.print(
-        "[bold]2.[/] Deploying the flows (production pipeline on a cron schedule, vecaf-pipeline/experiment for "
-        "one-off runs, promote on demand)..."
+        "[bold]2.[/] Deploying the flows (production pipeline on a cron schedule over the demo's folder, "
+        "vecaf-pipeline/experiment for one-off runs, promote on demand)..."
     )
-    ids = deploy(settings, pipeline_parameters=params.flow_parameters())
-    for name in ids:
+    folders = Folders(state_dir(settings) / config.folder)
+    scheduled = day_parameters(config, DEMO_DAYS, folders, [])
+    for name in deploy(settings, pipeline_parameters=scheduled.flow_parameters()):
         console.print(f"   deployed {name}")
-    console.print(f"[bold]3.[/] Triggering vecaf-pipeline/{PIPELINE_DEPLOYMENT}; the worker runs it:")
+    console.print(f"[bold]3.[/] Two days, each a run of vecaf-pipeline/{PIPELINE_DEPLOYMENT} on the worker:")
     start = time.monotonic()
-    run = trigger(settings, f"vecaf-pipeline/{PIPELINE_DEPLOYMENT}", params.flow_parameters())
-    urls = stack_urls(settings)
-    console.print(f"   flow run {run.name}: {flow_run_url(urls['prefect_ui_url'], str(run.id))}")
-    progress = _Progress(console, run.id, start)
+
+    def progress(day: int, lane: str) -> Any:
+        return _Progress(console, None, start)
+
     try:
-        run = wait_with_progress(settings, run.id, console, timeout=timeout, on_poll=progress, show_state=False)
+        result = run_days(settings, config, console=console, on_poll=progress)
     except TimeoutError as exc:
         raise RuntimeError(str(exc)) from exc
-    if not run.state.is_completed():
+    except RuntimeError as exc:
         log = state_dir(settings) / "logs" / "worker.log"
-        raise RuntimeError(
-            f"the pipeline run ended {run.state.name}: {run.state.message}; see the Prefect UI and {log}"
-        )
-    console.print(f"[bold]4.[/] Done in {time.monotonic() - start:.0f} s. Reading back MLflow, the registry and S3...")
-    summary = collect_summary(settings, run)
+        raise RuntimeError(f"{exc}; see the Prefect UI and {log}") from exc
+    console.print(f"[bold]4.[/] Done in {time.monotonic() - start:.0f} s.")
+    days = [demo_day(d) for d in result["days"]]
+    print_days(console, days)
+    summary = dict(result["days"][-1]["vecaf"]["summary"])
+    summary["days"] = days
     summary["seconds"] = {"pipeline": round(time.monotonic() - start, 1), "total": round(time.monotonic() - t0, 1)}
     print_summary(console, summary)
     out = state_dir(settings) / "demo" / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+    out.write_text(json.dumps(summary, indent=1, default=str))
     console.print(f"Summary written to {out}.")
+    urls = stack_urls(settings)
     console.print(
         f"The stack stays up: Prefect UI {urls['prefect_ui_url']} (log in with PREFECT_API_AUTH_STRING of `vecaf stack "
         f"env`), MLflow UI {urls['mlflow_url']}/#/?workflowType=machine_learning. "
         "Stop it with `make stop` (or `vecaf stack down`)."
     )
     return summary
+
+
+def demo_day(day: dict[str, Any]) -> dict[str, Any]:
+    """What the demo keeps of a simulated day: pool, start, per-loop top-1, decision, champion."""
+    run = day["vecaf"]
+    top1 = [r["top1"] for r in run.get("loops") or []]
+    return {
+        "day": day["day"], "pool": run["pool"], "init_used": run.get("init_used"),
+        "init_reason": run.get("init_reason"),
+        "loops": run.get("loops") or [], "loop_top1_non_decreasing": all(b >= a for a, b in zip(top1, top1[1:])),
+        "version": run.get("version"), "decision": run.get("decision"), "reason": run.get("reason"),
+        "champion_version": run.get("champion_version"), "champion_top1": run.get("top1"), "seconds": day["seconds"],
+        "flow_run_url": run.get("flow_run_url"), "mlflow_run_url": run.get("mlflow_run_url"),
+    }  # fmt: skip
+
+
+def print_days(console: Any, days: list[dict[str, Any]]) -> None:
+    """The days as a rich table: pool, new images, start, top-1 per loop, the decision and the champion."""
+    from rich.table import Table
+
+    table = Table(title="Days", title_justify="left")
+    for col in ("day", "pool", "new", "start", "test top-1 per loop", "version", "promotion", "champion", "seconds"):
+        table.add_column(col, justify="right")
+    for d in days:
+        loops = " -> ".join(f"{r['top1']:.4f}" for r in d["loops"])
+        champion = "-" if d["champion_version"] is None else f"v{d['champion_version']}"
+        if d["champion_top1"] is not None:
+            champion += f" ({d['champion_top1']:.4f})"
+        table.add_row(str(d["day"]), str(d["pool"]["size"]), str(d["pool"]["new"]), str(d["init_used"]), loops,
+                      str(d["version"]), str(d["decision"]), champion, f"{d['seconds']:.0f}")  # fmt: skip
+    console.print(table)
+    for d in days:
+        rises = "rises loop to loop" if d["loop_top1_non_decreasing"] else "does NOT rise every loop"
+        console.print(f"Day {d['day']}: per-loop top-1 {rises}; start: {d['init_reason']}")
+        console.print(f"Day {d['day']} promotion: {d['decision']}: {d['reason']}")

@@ -433,3 +433,71 @@ def load_dataset_task(data: DataParams, split: str, work_dir: str) -> dict[str, 
             description=f"{len(ref.skipped)} image(s) of {ref.dataset}/{split} could not be decoded and were skipped.",
         )
     return ref.to_dict()
+
+
+def pool_version(data: DataParams, models: Any, store_dir: str) -> dict[str, Any]:
+    """The pool as this run finds it: its version (size, images per class, digest D) and what is new in it.
+
+    An image is *new* when the ``image_embeddings`` view holds no row for its content under this run's PVM
+    key (``tasks.features.cached_ids``): it was never featurized, so this run captions and embeds it; the
+    others were seen by an earlier run and are served from the feature cache. A folder that grows between
+    runs therefore shows ``new`` = the images added since (0 when nothing was dropped in).
+
+    Args:
+        data: the data parameters (the pool is ``data.train_split``).
+        models: the ``ModelParams`` (the PVM key of the cache lookup).
+        store_dir: the Feast store.
+
+    Returns:
+        ``{"dataset", "split", "size", "digest", "class_counts": {class name: images}, "new", "cached"}``.
+    """
+    from tasks.embeddings import feature_keys
+    from tasks.features import cached_ids
+
+    ds = load_split(data, data.train_split)
+    hashes = image_content_hashes(ds)
+    seen = cached_ids(store_dir, "image_embeddings", ds.ids, hashes, model_name=feature_keys(models, data, None).pvm)
+    counts = np.bincount(np.asarray(ds.labels, dtype=np.int64), minlength=ds.num_classes)
+    return {
+        "dataset": ds.name,
+        "split": data.train_split,
+        "size": len(ds),
+        "digest": dataset_digest(ds.ids, hashes, ds.labels),
+        "class_counts": {str(c): int(k) for c, k in zip(ds.class_names, counts.tolist())},
+        "new": int((~seen).sum()),
+        "cached": int(seen.sum()),
+    }
+
+
+@task(name="pool-version", **LOCAL_TASK)
+def pool_version_task(data: DataParams, models: Any, store_dir: str) -> dict[str, Any] | None:
+    """:func:`pool_version`, logged ("N images, n new, m seen before") and published as the table artifact
+    ``pool-version``: one row per class, then "(all)", "(new)" and "(seen before)"; the digest in its
+    description.
+
+    A pool that cannot be loaded (missing folder, no class folders...) gives None and a warning: the step
+    that loads it for real (``load-dataset`` in caption/featurize) then fails with the reason, as it would
+    without this count.
+    """
+    from prefect.artifacts import create_table_artifact
+
+    try:
+        version = pool_version(data, models, store_dir)
+    except (OSError, ValueError) as exc:
+        get_run_logger().warning("pool version unknown (%s); the data steps below report it", exc)
+        return None
+    get_run_logger().info(
+        "pool %s/%s: %d images in %d classes, %d new (captioned and embedded now), %d seen before (cached); "
+        "digest %s", version["dataset"], version["split"], version["size"], len(version["class_counts"]),
+        version["new"], version["cached"], version["digest"][:12],
+    )  # fmt: skip
+    rows = [{"class": c, "images": k} for c, k in version["class_counts"].items()]
+    rows += [{"class": "(all)", "images": version["size"]}, {"class": "(new)", "images": version["new"]},
+             {"class": "(seen before)", "images": version["cached"]}]  # fmt: skip
+    create_table_artifact(
+        key="pool-version",
+        table=rows,
+        description=f"Pool {version['dataset']}/{version['split']}: {version['size']} images, {version['new']} new, "
+        f"{version['cached']} seen before; digest {version['digest']}.",
+    )
+    return version

@@ -280,12 +280,23 @@ def publish_run_report_task(
     return {k: v for k, v in out.items() if k != "model_card"}
 
 
+def pool_line(pool: dict[str, Any]) -> str:
+    """One markdown line on a pool version (``tasks.data.pool_version``): size, classes, new vs seen before."""
+    return (
+        f"Pool: {pool['size']} images in {len(pool['class_counts'])} classes; **{pool['new']} new** (captioned and "
+        f"embedded by this run), {pool['cached']} seen before (features cached); digest `{pool['digest'][:12]}`"
+    )
+
+
 def pipeline_summary_markdown(report: dict[str, Any], decision: dict[str, Any] | None, *, tracking_uri: str,
-                              run_id: str, model_name: str | None, version: str | None) -> str:  # fmt: skip
-    """The top-level run's summary: links, final top-1, per-loop table, promotion decision, the accuracy figure."""
+                              run_id: str, model_name: str | None, version: str | None,
+                              pool: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """The top-level run's summary: links, final top-1, the pool, per-loop table, promotion decision, the figure."""
     lines = ["# VeCAF pipeline run", ""]
     top1 = report.get("final_top1")
     lines.append(f"**Final held-out top-1: {top1:.4f}**" if top1 is not None else "Final held-out top-1: not logged")
+    if pool is not None:
+        lines += ["", pool_line(pool)]
     lines += ["", "## Where to look", f"- MLflow run: [{run_id}]({report['run_url']})"]
     if report.get("model_url"):
         lines.append(f"- logged model: [{report['model_id']}]({report['model_url']})")
@@ -316,12 +327,13 @@ def publish_pipeline_summary_task(
     decision: dict[str, Any] | None,
     model_name: str | None,
     version: str | None,
+    pool: dict[str, Any] | None = None,
 ) -> str:
     """Create the summary, link and image artifacts of the pipeline run (Prefect); return the summary text."""
     from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
 
     text = pipeline_summary_markdown(report, decision, tracking_uri=tracking_uri, run_id=run_id, model_name=model_name,
-                                     version=version)  # fmt: skip
+                                     version=version, pool=pool)  # fmt: skip
     create_markdown_artifact(markdown=text, key="vecaf-pipeline-summary", description="What this pipeline run produced")
     create_link_artifact(link=report["run_url"], link_text=f"MLflow run {run_id}", key="mlflow-run",
                          description="The finetuning run in MLflow (metrics, figures, model card)")  # fmt: skip
@@ -331,4 +343,19 @@ def publish_pipeline_summary_task(
     if "figures/accuracy.png" in report.get("figures", []):
         create_image_artifact(image_url=artifact_download_url(tracking_uri, run_id, "figures/accuracy.png"),
                               key="accuracy-curve", description="Held-out top-1 vs training batches")  # fmt: skip
+    return text
+
+
+def noop_summary_markdown(reason: str, pool: dict[str, Any], model_name: str) -> str:
+    """The summary of a pipeline run that had nothing new to learn: the title says so, then why, then the pool."""
+    return "\n".join(["# VeCAF pipeline run: nothing to do", "", f"**{model_name}: {reason}.**", "", pool_line(pool)])
+
+
+@task(name="publish-pipeline-summary", **SERVER_TASK)
+def publish_noop_summary_task(reason: str, pool: dict[str, Any], model_name: str) -> str:
+    """The summary artifact of a pipeline run that had nothing new to learn (nothing trained or registered)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    text = noop_summary_markdown(reason, pool, model_name)
+    create_markdown_artifact(markdown=text, key="vecaf-pipeline-summary", description="What this pipeline run produced")
     return text

@@ -876,3 +876,111 @@ def verify_model_artifacts_task(tracking_uri: str, model_id: str) -> dict[str, A
 def end_run_task(tracking_uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
     """Prefect task around :func:`end_run`."""
     end_run(tracking_uri, run_id, status=status, tags=tags)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pool version of a run, and runs with nothing new to learn
+
+POOL_TAG_PREFIX = "pool."
+COMPARED_GROUPS = ("data", "models", "ood_prompt", "objective", "training")
+"""The parameter groups that change what a run learns (the registry group only says where it lands)."""
+
+
+def pool_version_tags(version: Mapping[str, Any]) -> dict[str, str]:
+    """The MLflow tags of a pool version (``tasks.data.pool_version``): ``pool.size``, ``pool.digest``,
+    ``pool.new``, ``pool.cached``, ``pool.classes`` and ``pool.class_counts`` (JSON, class name -> images)."""
+    counts = dict(version["class_counts"])
+    return {
+        f"{POOL_TAG_PREFIX}size": str(version["size"]),
+        f"{POOL_TAG_PREFIX}digest": str(version["digest"]),
+        f"{POOL_TAG_PREFIX}new": str(version["new"]),
+        f"{POOL_TAG_PREFIX}cached": str(version["cached"]),
+        f"{POOL_TAG_PREFIX}classes": str(len(counts)),
+        f"{POOL_TAG_PREFIX}class_counts": json.dumps(counts)[:5000],
+    }
+
+
+def log_pool_version(tracking_uri: str, run_id: str, version: Mapping[str, Any]) -> None:
+    """Record the pool version on a finetuning run: :func:`pool_version_tags` and ``data/pool-version.json``."""
+    from mlflow.entities import RunTag
+
+    with talking_to(MLFLOW_SERVER, tracking_uri):
+        client = mlflow_client(tracking_uri)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in pool_version_tags(version).items()])
+        client.log_dict(run_id, dict(version), "data/pool-version.json")
+
+
+def latest_version(tracking_uri: str, name: str) -> dict[str, Any] | None:
+    """The newest version of a registered model and what it was trained on (None: no version, or no model).
+
+    Returns:
+        ``{"version", "run_id", "dataset_digest", "params"}``: the version's ``dataset_digest`` tag and its
+        training run's params (flattened, as logged).
+    """
+    from mlflow.exceptions import MlflowException
+
+    with talking_to(MLFLOW_SERVER, tracking_uri):
+        client = mlflow_client(tracking_uri)
+        try:
+            versions = client.search_model_versions(f"name = '{name}'")
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        if not versions:
+            return None
+        newest = max(versions, key=lambda mv: int(mv.version))
+        params = dict(client.get_run(newest.run_id).data.params) if newest.run_id else {}
+    return {
+        "version": str(newest.version),
+        "run_id": newest.run_id,
+        "dataset_digest": newest.tags.get("dataset_digest"),
+        "params": params,
+    }
+
+
+def nothing_new(latest: Mapping[str, Any] | None, pool_digest: str, params: Mapping[str, Any]) -> str | None:
+    """Why this run has nothing to learn, or None when it has.
+
+    Nothing is new when the newest registered version was trained on this very pool (its ``dataset_digest``
+    equals the pool's digest D: the same images and labels, no image added or removed) with the same
+    parameters in the groups :data:`COMPARED_GROUPS` (a changed objective, prompt or training setting on the
+    same images is worth a run).
+
+    Args:
+        latest: :func:`latest_version`'s answer.
+        pool_digest: the pool's digest D now.
+        params: this run's parameters by group (``{"data": {...}, "training": {...}, ...}``).
+
+    Returns:
+        A sentence for the log and the run's summary, or None.
+    """
+    if latest is None or latest.get("dataset_digest") != pool_digest:
+        return None
+    ours = flatten_params({k: params[k] for k in COMPARED_GROUPS if k in params})
+    theirs = latest.get("params") or {}
+    changed = sorted(k for k, v in ours.items() if theirs.get(k) != v)
+    if changed:
+        return None
+    return (
+        f"no new images since version {latest['version']} (pool digest {pool_digest[:12]}, trained with the same "
+        "parameters): nothing trained, nothing registered, the champion stays"
+    )
+
+
+@task(name="mlflow-log-pool-version", **SERVER_TASK)
+def log_pool_version_task(tracking_uri: str, run_id: str, version: dict[str, Any]) -> None:
+    """Prefect task around :func:`log_pool_version`."""
+    log_pool_version(tracking_uri, run_id, version)
+
+
+@task(name="check-for-news", **SERVER_TASK)
+def nothing_new_task(tracking_uri: str, name: str, pool_digest: str, params: dict[str, Any]) -> str | None:
+    """:func:`nothing_new` against the newest version of ``name`` (:func:`latest_version`); logs the outcome."""
+    reason = nothing_new(latest_version(tracking_uri, name), pool_digest, params)
+    logger = get_run_logger()
+    if reason:
+        logger.warning("%s: %s", name, reason)
+    else:
+        logger.info("%s: the pool or the parameters changed since its newest version; training", name)
+    return reason

@@ -118,17 +118,19 @@ def _manifest_ids_labels(path: str) -> tuple[list[str], np.ndarray]:
 
 def _features(spec: TrainSpec, split: str, manifest: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, e_i, labels) of a manifest's images; an image stored under another split (the same file in
-    both splits of an ImageFolder without split folders) is embedded once, so the split is not filtered."""
+    both splits of an ImageFolder without split folders) is embedded once, so the split is not filtered.
+
+    The labels are the manifest's (this run's class list): the label index Feast stored with an embedding is
+    the one of the run that computed it, and shifts when a growing ImageFolder gains a class folder (class
+    indices follow the sorted folder names), while the embedding, keyed by the image's content, stays valid."""
     from tasks.features import read_embeddings
 
     keys = feature_keys(spec.models, spec.data, spec.ood_prompt)
     ids, labels = _manifest_ids_labels(manifest)
     try:
-        _, emb, stored = read_embeddings(spec.store, pvm=keys.pvm, split=None, ids=ids)
+        _, emb, _stored_labels = read_embeddings(spec.store, pvm=keys.pvm, split=None, ids=ids)
     except ValueError as exc:
-        raise ValueError(f"{exc}; run the featurize flow for PVM {keys.pvm!r} first") from exc
-    if not np.array_equal(stored, labels):
-        raise ValueError(f"labels stored in Feast for {split} differ from the dataset's; re-run the featurize flow")
+        raise ValueError(f"{exc}; run the featurize flow for {split} with PVM {keys.pvm!r} first") from exc
     return ids, emb, labels
 
 
@@ -596,11 +598,17 @@ def evaluate_model(
     MLmodel metadata gives its preprocessing (``data_config``) and class names; the class names must equal
     the held-out dataset's.
 
+    A model that predicts a subset of the held-out classes (a champion from before new classes arrived in a
+    growing pool) is evaluated with its classes mapped by name onto the held-out's: an image of a class it
+    does not know counts as an error; ``loss`` is then the cross-entropy over the images of classes it knows.
+
     Returns:
-        ``{"model_uri", "top1", "loss", "n", "per_class": [C]}``.
+        ``{"model_uri", "top1", "loss", "n", "per_class": [C], "unknown_classes": [held-out classes the model
+        does not predict]}`` (per-class in the held-out's class order).
 
     Raises:
         tasks.tracking.UnsafeModelError: the model is not stored as config + safetensors (never loaded).
+        ValueError: the model predicts a class the held-out split does not have.
     """
     import torch
     import torch.nn.functional as F
@@ -612,21 +620,30 @@ def evaluate_model(
 
     model, meta, _mlmodel_metadata = load_stored_model(tracking_uri, model_uri)
     dataset = load_split(data, data.test_split)
-    if list(meta["class_names"]) != list(dataset.class_names):
-        raise ValueError(
-            f"model {model_uri} predicts classes {meta['class_names']} but the held-out split has {dataset.class_names}"
-        )
+    theirs, ours = list(meta["class_names"]), list(dataset.class_names)
+    if not set(theirs) <= set(ours):
+        raise ValueError(f"model {model_uri} predicts classes {theirs} but the held-out split has {ours}")
     transform = PVMTransform(meta["data_config"])
     logits = _predict(model, dataset, transform, device=str(device_of(device)), batch_size=batch_size)
     labels = np.asarray(dataset.labels, dtype=np.int64)
-    loss = float(F.cross_entropy(torch.from_numpy(logits).double(), torch.from_numpy(labels)).item())
-    per_class = per_class_accuracy(logits, labels, num_classes=dataset.num_classes)
+    columns = [ours.index(c) for c in theirs]
+    mapped = np.full((len(labels), len(ours)), -np.inf, dtype=np.float64)
+    mapped[:, columns] = logits
+    known = np.isin(labels, columns)
+    inverse = {c: i for i, c in enumerate(columns)}
+    known_labels = np.asarray([inverse[int(y)] for y in labels[known]], dtype=np.int64)
+    loss = (
+        float(F.cross_entropy(torch.from_numpy(logits[known]).double(), torch.from_numpy(known_labels)).item())
+        if known.any() else float("nan")
+    )  # fmt: skip
+    per_class = per_class_accuracy(mapped, labels, num_classes=dataset.num_classes)
     return {
         "model_uri": model_uri,
-        "top1": float(top1_accuracy(logits, labels)),
+        "top1": float(top1_accuracy(mapped, labels)),
         "loss": loss,
         "n": int(labels.size),
         "per_class": [None if not np.isfinite(v) else float(v) for v in per_class],
+        "unknown_classes": [c for c in ours if c not in theirs],
     }
 
 

@@ -73,3 +73,16 @@ def test_an_out_of_range_promotion_margin_is_one_line_and_exit_2(cli):
     code, out, _ = cli("promote", "--margin", "3")
     assert code == 2
     assert _one_line(out) == "invalid parameters: promotion_margin: Input should be less than or equal to 1"
+
+
+@pytest.mark.parametrize("days", ["0", "31", "-2"])
+def test_simulate_refuses_days_out_of_range_in_one_line_with_exit_2(cli, days):
+    code, out, exc = cli("simulate", "--days", days, "--quick")
+    assert code == 2, (out, exc)
+    assert _one_line(out) == f"error: --days must be an integer in 1..30, got {int(days)}"
+
+
+def test_simulate_refuses_days_that_are_not_a_number(cli):
+    code, out, exc = cli("simulate", "--days", "three")
+    assert code == 2, (out, exc)
+    assert "Invalid value for '--days'" in out and "Traceback" not in out
