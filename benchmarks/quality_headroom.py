@@ -171,6 +171,7 @@ def run_one(args, data, *, method: str, ratio: float, seed: int) -> dict[str, An
         ],
         "seconds": {**result.timings, "wall": wall},
         "picks": [r.picks.tolist() for r in result.loops if r.picks is not None],
+        "load_average_at_end": list(os.getloadavg()),
     }
 
 
@@ -344,12 +345,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        runs = [r for part in parts for r in part["runs"]]
+        runs = unique_runs([r for part in parts for r in part["runs"]])
         settings = parts[0]["settings"]
         inputs = parts[0].get("inputs", {})
         methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
         ratios = sorted({r["ratio"] for r in runs})
-        seconds = {"parts": [part["seconds"] for part in parts]}
+        seconds = {"parts": [part["seconds"] for part in parts],
+                   "load_average_at_end_of_parts": [part.get("machine", {}).get("load_average_at_end") for part in parts]}
     else:
         train = load_features("train", args.pool_limit, args.cache, log)
         test = load_features("test", args.test_limit, args.cache, log)
@@ -398,6 +400,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table(summary, methods, ratios, targets), file=sys.stderr)
     log(f"wrote {path}")
     return report
+
+
+def unique_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first run of each (method, ratio, seed): parts run in parallel may overlap."""
+    seen: set[tuple[str, float, int]] = set()
+    out = []
+    for r in runs:
+        key = (r["method"], r["ratio"], r["seed"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def _write(path: Path, settings, inputs, runs, seconds) -> None:

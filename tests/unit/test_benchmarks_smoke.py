@@ -296,3 +296,10 @@ def test_selection_profile_quick_ratio_and_phases_follow_from_its_runs(tmp_path)
     for key in ("objective_gap", "objective_gap_over_attraction", "overlap"):
         assert all(_is_number(v) for v in report[key]["per_seed"])
     assert "load_average_at_start" in report["started"]
+
+
+def test_headroom_merge_keeps_the_first_run_of_each_method_ratio_and_seed():
+    headroom = _load_headroom()
+    runs = [{"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.5}, {"method": "vecaf", "ratio": 0.02, "seed": 0, "top1": 0.6},
+            {"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.7}, {"method": "random", "ratio": 0.01, "seed": 0, "top1": 0.4}]
+    assert [r["top1"] for r in headroom.unique_runs(runs)] == [0.5, 0.6, 0.4]
