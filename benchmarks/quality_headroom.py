@@ -19,7 +19,8 @@ Per cell: mean +- s.e. of the final test top-1 over seeds, per-loop top-1, B2A (
 95 % of full-data FT's mean final top-1), time-to-accuracy (wall seconds to the same targets, including
 the pool passes and selections: the measured seconds of the loops before, plus this loop's pass and
 selection, plus its training time pro rata to the batches; evaluation time excluded), and the paired
-difference VeCAF minus the method over the seeds both ran (mean +- s.e.).
+difference VeCAF minus the method over the seeds both ran (mean +- s.e.). Each run records the load average
+at its end (the machine may be shared); a full run also draws the mean curves (``quality-headroom-curves.png``).
 
     python benchmarks/quality_headroom.py --tune                 # validation grid -> quality-headroom-tuning.json
     python benchmarks/quality_headroom.py                        # -> results/quality-headroom.json
@@ -399,6 +400,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path.write_text(json.dumps(report, indent=1))
     print(table(summary, methods, ratios, targets), file=sys.stderr)
     log(f"wrote {path}")
+    from benchmarks.plots import plot_curves
+
+    figure = plot_curves(summary, methods, ratios, args.out / f"quality-headroom{suffix}-curves.png",
+                         title="Headroom benchmark: Fashion-MNIST 60k pool, head mode, 3 loops (mean test top-1)")
+    log(f"wrote {figure}")
     return report
 
 

@@ -147,6 +147,8 @@ class VeCAF(_ParametricBase):
         align: member alignment, "auto" (Hungarian up to K = 4096, else greedy), "hungarian", "greedy".
         refresh: "adaptive" assignment refreshes, or a fixed interval (1 = exact every step).
         block_bytes: size cap of one similarity block (default 256 MiB).
+        precision: "auto" (default: bfloat16 assignment products where they are native, float32 elsewhere),
+            "bfloat16", or "float32" (the exact computation); see ``vecaf.selection.ods.optimize_ods``.
     """
 
     requires_losses = True
@@ -245,6 +247,7 @@ class ActiveFT(_ParametricBase):
         device: "auto" (CUDA when present), "cpu", "cuda", ...
         refresh: "adaptive" or a fixed refresh interval.
         block_bytes: size cap of one similarity block.
+        precision: "auto", "bfloat16" or "float32", as for ``vecaf``.
     """
 
     def __post_init__(self) -> None:
