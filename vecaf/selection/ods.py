@@ -31,7 +31,7 @@ argmax is scale-free and each row's 1 / ||x_i|| rides on its weight (``pool_rows
 the blocks and O(E K D) centroid state.
 
 ``precision="bfloat16"`` (what "auto" picks where bfloat16 products are native, ``fast_bfloat16``) takes each
-refresh's argmax from a bfloat16 product, 3-4x faster than float32 on such a CPU, and checks every move in
+refresh's argmax from a bfloat16 product (refreshes measured 1.7-3.8x faster on such a CPU), and checks every move in
 float32: a sample changes centroid only when the new one is nearer in float32, so bfloat16 rounding never moves
 a sample by itself, and S, the objective and the gradient stay float32. The approximation: a sample whose
 nearest centroid beats its current one by less than bfloat16's error (~1 % of the cosine) may keep the current
