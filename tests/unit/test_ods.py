@@ -293,3 +293,19 @@ def test_precision_auto_and_bad_values():
     assert ods.resolve_precision("auto", "cpu") == ("bfloat16" if ods.fast_bfloat16("cpu") else "float32")
     with pytest.raises(ValueError, match="precision must be one of"):
         ods.resolve_precision("fp8", "cpu")
+
+
+def test_bfloat16_incremental_sums_are_the_sums_of_its_own_assignment():
+    x = _clustered(n=800, d=32, clusters=12)
+    g = torch.Generator().manual_seed(6)
+    w = torch.rand(800, generator=g) * 2
+    theta_a = ods.normalize_rows(x[torch.randperm(800, generator=g)[:18]]).view(2, 9, 32)
+    theta_b = ods.normalize_rows(theta_a + 0.05 * torch.randn(2, 9, 32, generator=g))
+    assign_a, sums_a, _, _ = ods._refresh(x, w, theta_a, rows=800, screened=True)
+    assign_b, sums_b, _, moved = ods._refresh(x, w, theta_b, rows=37, previous=(assign_a, sums_a.clone()), screened=True)
+    assert moved == int((assign_a != assign_b).sum()) > 0
+    expected = torch.zeros(2, 9, 32, dtype=torch.float64)
+    for e in range(2):
+        for i in range(800):
+            expected[e, assign_b[i, e]] += float(w[i]) * x[i].double()
+    torch.testing.assert_close(sums_b.double(), expected, rtol=1e-4, atol=1e-2)
