@@ -48,7 +48,8 @@ def plot_curves(summary: dict[str, Any], methods: list[str], ratios: list[float]
         ax.set_xlabel("training batches")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test top-1 (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    for ax in axes[0]:
+        ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,7 +19,8 @@ Per cell: mean +- s.e. of the final test top-1 over seeds, per-loop top-1, B2A (
 95 % of full-data FT's mean final top-1), time-to-accuracy (wall seconds to the same targets, including
 the pool passes and selections: the measured seconds of the loops before, plus this loop's pass and
 selection, plus its training time pro rata to the batches; evaluation time excluded), and the paired
-difference VeCAF minus the method over the seeds both ran (mean +- s.e.).
+difference VeCAF minus the method over the seeds both ran (mean +- s.e.). Each run records the load average
+at its end (the machine may be shared); a full run also draws the mean curves (``quality-headroom-curves.png``).
 
     python benchmarks/quality_headroom.py --tune                 # validation grid -> quality-headroom-tuning.json
     python benchmarks/quality_headroom.py                        # -> results/quality-headroom.json
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -171,6 +171,7 @@ def run_one(args, data, *, method: str, ratio: float, seed: int) -> dict[str, An
         ],
         "seconds": {**result.timings, "wall": wall},
         "picks": [r.picks.tolist() for r in result.loops if r.picks is not None],
+        "load_average_at_end": list(os.getloadavg()),
     }
 
 
@@ -344,12 +345,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        runs = [r for part in parts for r in part["runs"]]
+        runs = unique_runs([r for part in parts for r in part["runs"]])
         settings = parts[0]["settings"]
         inputs = parts[0].get("inputs", {})
         methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
         ratios = sorted({r["ratio"] for r in runs})
-        seconds = {"parts": [part["seconds"] for part in parts]}
+        seconds = {"parts": [part["seconds"] for part in parts],
+                   "load_average_at_end_of_parts": [part.get("machine", {}).get("load_average_at_end") for part in parts]}
     else:
         train = load_features("train", args.pool_limit, args.cache, log)
         test = load_features("test", args.test_limit, args.cache, log)
@@ -397,7 +399,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path.write_text(json.dumps(report, indent=1))
     print(table(summary, methods, ratios, targets), file=sys.stderr)
     log(f"wrote {path}")
+    from benchmarks.plots import plot_curves
+
+    figure = plot_curves(summary, methods, ratios, args.out / f"quality-headroom{suffix}-curves.png",
+                         title="Headroom benchmark: Fashion-MNIST 60k pool, head mode, 3 loops (mean test top-1)")
+    log(f"wrote {figure}")
     return report
+
+
+def unique_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first run of each (method, ratio, seed): parts run in parallel may overlap."""
+    seen: set[tuple[str, float, int]] = set()
+    out = []
+    for r in runs:
+        key = (r["method"], r["ratio"], r["seed"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def _write(path: Path, settings, inputs, runs, seconds) -> None:

@@ -271,3 +271,35 @@ def test_headroom_quick_run_summary_follows_from_its_runs(tmp_path):
                 assert (b is None) == (t is None)
                 if t is not None:
                     assert 0.0 <= t <= group[0]["seconds"]["wall"]
+
+
+# --- selection_profile.py (issue 14: VeCAF's selection at the headroom pool, float32 vs bfloat16) -----------
+
+
+@pytest.mark.slow
+def test_selection_profile_quick_ratio_and_phases_follow_from_its_runs(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "selection_profile.py"), "--quick", "--out", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    per = report["per_precision"]
+    assert report["ratio_bfloat16_over_float32"] == pytest.approx(per["bfloat16"]["wall_s"] / per["float32"]["wall_s"])
+    for precision, cell in per.items():
+        (run,) = [r for r in report["runs"] if r["precision"] == precision]
+        assert sum(run["phases_s"].values()) == pytest.approx(run["wall_s"])
+        assert run["calls"]["refresh"] == run["refreshes"] and run["calls"]["debias"] == 1
+        assert run["calls"]["diversity"] == run["iterations"] + 1  # one per Adam step, plus the final objective
+        assert len(set(run["picks"])) == report["pool"]["k"] == 20
+    for key in ("objective_gap", "objective_gap_over_attraction", "overlap"):
+        assert all(_is_number(v) for v in report[key]["per_seed"])
+    assert "load_average_at_start" in report["started"]
+
+
+def test_headroom_merge_keeps_the_first_run_of_each_method_ratio_and_seed():
+    headroom = _load_headroom()
+    runs = [{"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.5}, {"method": "vecaf", "ratio": 0.02, "seed": 0, "top1": 0.6},
+            {"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.7}, {"method": "random", "ratio": 0.01, "seed": 0, "top1": 0.4}]
+    assert [r["top1"] for r in headroom.unique_runs(runs)] == [0.5, 0.6, 0.4]

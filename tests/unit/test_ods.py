@@ -231,3 +231,81 @@ def test_raw_rows_with_weights_over_their_norms_optimise_the_normalised_problem(
     torch.testing.assert_close(result.centroids, reference.centroids, rtol=0, atol=1e-5)
     np.testing.assert_allclose(result.objective, reference.objective, rtol=1e-5)
     assert ods.ods_objective(raw, result.centroids[1], losses=w) == pytest.approx(result.objective[1], rel=1e-5)
+
+
+def _clustered(n=3000, d=64, clusters=40, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g) * 1.5
+    return (centres[torch.randint(0, clusters, (n,), generator=g)] + torch.randn(n, d, generator=g)) * 30.0
+
+
+def test_bfloat16_assignment_is_within_its_stated_error_and_moves_only_on_float32_evidence():
+    x = _clustered()
+    g = torch.Generator().manual_seed(4)
+    flat = ods.normalize_rows(x[torch.randperm(x.shape[0], generator=g)[: 3 * 50]])
+    sims = (x @ flat.T).view(-1, 3, 50)
+    plain_best, plain_arg = sims.max(dim=2)
+    screen = flat.to(torch.bfloat16)
+    norms = x.norm(dim=1, keepdim=True)
+    # stated tolerance: the assigned centroid's float32 similarity is within 2 % of ||x_i|| of the maximum
+    # (twice bfloat16's relative error 2^-8 on each of the two compared similarities, with margin)
+    best, arg = ods.nearest_centroids(x, flat, 3, 50, screen=screen)
+    assert bool((plain_best - sims.gather(2, arg[..., None]).squeeze(2) <= 0.02 * norms).all())
+    assert (arg == plain_arg).float().mean() >= 0.9
+    # already at the float32 argmax: bfloat16 rounding alone never moves a sample
+    best, arg = ods.nearest_centroids(x, flat, 3, 50, screen=screen, old=plain_arg)
+    torch.testing.assert_close(arg, plain_arg)
+    torch.testing.assert_close(best, plain_best, rtol=2.0**-7, atol=1e-4)  # unmoved: the bfloat16 value
+    # from a random assignment: a sample moves only to a centroid that is nearer in float32, and the
+    # similarities returned for moved samples are the float32 ones
+    old = torch.randint(0, 50, plain_arg.shape, generator=g)
+    best, arg = ods.nearest_centroids(x, flat, 3, 50, screen=screen, old=old, block_bytes=1 << 16)
+    moved = arg != old
+    new_sim = sims.gather(2, arg[..., None]).squeeze(2)
+    old_sim = sims.gather(2, old[..., None]).squeeze(2)
+    assert bool((new_sim[moved] > old_sim[moved] - 1e-4).all())
+    torch.testing.assert_close(best[moved], new_sim[moved], rtol=1e-5, atol=1e-4)
+    assert bool((plain_best - new_sim <= 0.02 * norms).all())
+    # the float32 path is the plain product
+    best, arg = ods.nearest_centroids(x, flat, 3, 50)
+    torch.testing.assert_close(arg, plain_arg)
+
+
+def test_bfloat16_refresh_stays_close_to_the_float32_run():
+    x = _clustered(n=2000, d=48, clusters=30)
+    g = torch.Generator().manual_seed(5)
+    weights = torch.rand(x.shape[0], generator=g) + 0.5
+    w = weights / weights.mean() / x.norm(dim=1)  # raw rows: the weights carry 1 / ||x_i|| (``pool_rows``)
+    init = torch.stack([x[torch.randperm(x.shape[0], generator=g)[:40]] for _ in range(2)])
+    exact = ods.optimize_ods(x, w, init, tol=1e-4, max_iters=150, precision="float32")
+    fast = ods.optimize_ods(x, w, init, tol=1e-4, max_iters=150, precision="bfloat16")
+    assert exact.precision == "float32" and fast.precision == "bfloat16"
+    # stated tolerance: final Eq. 7 objective within 0.5 % of the float32 run from the same start
+    np.testing.assert_allclose(fast.objective, exact.objective, rtol=5e-3)
+    # the reported objective is the exact (float32) Eq. 7 at the final centroids
+    exact_at_fast = ods.ods_objective(x, fast.centroids, losses=weights)
+    np.testing.assert_allclose(fast.objective, exact_at_fast, rtol=1e-4)
+
+
+def test_precision_auto_and_bad_values():
+    assert ods.resolve_precision("float32", "cpu") == "float32"
+    assert ods.resolve_precision("bfloat16", "cpu") == "bfloat16"
+    assert ods.resolve_precision("auto", "cpu") == ("bfloat16" if ods.fast_bfloat16("cpu") else "float32")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ods.resolve_precision("fp8", "cpu")
+
+
+def test_bfloat16_incremental_sums_are_the_sums_of_its_own_assignment():
+    x = _clustered(n=800, d=32, clusters=12)
+    g = torch.Generator().manual_seed(6)
+    w = torch.rand(800, generator=g) * 2
+    theta_a = ods.normalize_rows(x[torch.randperm(800, generator=g)[:18]]).view(2, 9, 32)
+    theta_b = ods.normalize_rows(theta_a + 0.05 * torch.randn(2, 9, 32, generator=g))
+    assign_a, sums_a, _, _ = ods._refresh(x, w, theta_a, rows=800, screened=True)
+    assign_b, sums_b, _, moved = ods._refresh(x, w, theta_b, rows=37, previous=(assign_a, sums_a.clone()), screened=True)
+    assert moved == int((assign_a != assign_b).sum()) > 0
+    expected = torch.zeros(2, 9, 32, dtype=torch.float64)
+    for e in range(2):
+        for i in range(800):
+            expected[e, assign_b[i, e]] += float(w[i]) * x[i].double()
+    torch.testing.assert_close(sums_b.double(), expected, rtol=1e-4, atol=1e-2)

@@ -707,3 +707,14 @@ def test_engine_gives_uncertainty_sampling_the_current_models_probabilities(monk
         # the pool pass's cross-entropy losses are -log p_y of these probabilities
         np.testing.assert_allclose(-np.log(probs[loop.picks, y[loop.picks]]), loop.pick_losses, rtol=1e-4, atol=1e-5)
     assert not np.allclose(seen[0], seen[1])  # the head trained in between
+
+
+@pytest.mark.parametrize("method", ["vecaf", "activeft"])
+def test_precision_option_runs_both_paths_and_refuses_unknown_values(method):
+    x, _ = _clusters(n=400, d=16, c=5)
+    losses = np.random.default_rng(2).gamma(2.0, 1.0, size=x.shape[0])
+    picks = {p: vecaf.select(x, 10, method=method, losses=losses, seed=3, precision=p) for p in ("float32", "bfloat16")}
+    for p, idx in picks.items():
+        assert idx.shape == (10,) and len(set(idx.tolist())) == 10, p
+    with pytest.raises(ValueError, match="precision must be one of"):
+        vecaf.select(x, 10, method=method, losses=losses, precision="fp16")

@@ -84,6 +84,7 @@ class _ParametricBase(SelectionMethod):
     device: str = "auto"
     refresh: str | int = "adaptive"
     block_bytes: int = ods.DEFAULT_BLOCK_BYTES
+    precision: str = "auto"
 
     def _check(self) -> None:
         _number("lam", self.lam, low=0.0)
@@ -94,6 +95,8 @@ class _ParametricBase(SelectionMethod):
         if self.refresh != "adaptive":
             _integer("refresh", self.refresh, low=1)
         check_block_bytes(self.block_bytes)
+        if self.precision not in ods.PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, ods.PRECISIONS))}, got {self.precision!r}")
 
     def _optimize(self, x: torch.Tensor, w: torch.Tensor, init: np.ndarray) -> ods.ODSResult:
         """Eq. 7 from the samples ``init``; ``w`` carries 1 / ||x_i|| for raw rows (``ods.pool_rows``)."""
@@ -109,6 +112,7 @@ class _ParametricBase(SelectionMethod):
             tol=float(self.tol),
             refresh=self.refresh,
             block_bytes=int(self.block_bytes),
+            precision=self.precision,
         )
 
 
@@ -143,6 +147,8 @@ class VeCAF(_ParametricBase):
         align: member alignment, "auto" (Hungarian up to K = 4096, else greedy), "hungarian", "greedy".
         refresh: "adaptive" assignment refreshes, or a fixed interval (1 = exact every step).
         block_bytes: size cap of one similarity block (default 256 MiB).
+        precision: "auto" (default: bfloat16 assignment products where they are native, float32 elsewhere),
+            "bfloat16", or "float32" (the exact computation); see ``vecaf.selection.ods.optimize_ods``.
     """
 
     requires_losses = True
@@ -241,6 +247,7 @@ class ActiveFT(_ParametricBase):
         device: "auto" (CUDA when present), "cpu", "cuda", ...
         refresh: "adaptive" or a fixed refresh interval.
         block_bytes: size cap of one similarity block.
+        precision: "auto", "bfloat16" or "float32", as for ``vecaf``.
     """
 
     def __post_init__(self) -> None:
