@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.02])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--loops", type=int, default=3)
+    p.add_argument("--cumulative", action="store_true",
+                   help="each loop trains on all picks so far (the pipeline's default); off: the paper's per-loop protocol")
     p.add_argument("--batch-budget", type=int, default=PROTOCOL["batch_budget"])
     p.add_argument("--batch-size", type=int, default=PROTOCOL["batch_size"])
     p.add_argument("--lr", type=float, default=PROTOCOL["lr"])
@@ -155,7 +157,7 @@ def run_one(args, data, *, method: str, ratio: float, seed: int) -> dict[str, An
     t0 = time.perf_counter()
     result = finetune(
         None, data["train"], data["test"], mode="head", method=method, ratio=ratio, loops=args.loops,
-        batch_budget=args.batch_budget, batch_size=args.batch_size, lr=args.lr,
+        batch_budget=args.batch_budget, batch_size=args.batch_size, lr=args.lr, cumulative=args.cumulative,
         eval_every=max(1, args.batch_budget // args.eval_points), seed=seed, device=args.device, return_model=False,
     )
     wall = time.perf_counter() - t0
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {
         "dataset": DATASET, "pvm": PVM_NAME, "image_size": IMAGE_SIZE, "mode": "head", "quick": args.quick,
         "loops": args.loops, "batch_budget": args.batch_budget, "batch_size": args.batch_size, "lr": args.lr,
-        "eval_every": max(1, args.batch_budget // args.eval_points), "cumulative": False,
+        "eval_every": max(1, args.batch_budget // args.eval_points), "cumulative": args.cumulative,
         "optimizer": {"name": "SGD", "lr": args.lr, "weight_decay": 1e-4, "momentum": 0.9, "schedule": "cosine"},
         "threads": args.threads, "device": args.device,
     }
