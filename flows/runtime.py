@@ -141,25 +141,20 @@ def flow_run_info() -> dict[str, Any]:
     run = getattr(ctx, "flow_run", None)
     if run is None:
         return {"id": None, "name": None, "deployment_id": None, "root_id": None}
-    root = run
     try:
         from prefect.client.orchestration import get_client
 
+        from tasks.progress import top_level_run_id
+
         with get_client(sync_client=True) as client:
-            for _ in range(10):
-                if root.parent_task_run_id is None:
-                    break
-                parent_task = client.read_task_run(root.parent_task_run_id)
-                if parent_task.flow_run_id is None:
-                    break
-                root = client.read_flow_run(parent_task.flow_run_id)
+            root_id = top_level_run_id(client, str(run.id))
     except Exception:  # noqa: BLE001 - the root is a convenience for look-ups, not needed to run
-        root = run
+        root_id = str(run.id)
     return {
         "id": str(run.id),
         "name": run.name,
         "deployment_id": None if run.deployment_id is None else str(run.deployment_id),
-        "root_id": str(root.id),
+        "root_id": root_id,
     }
 
 
