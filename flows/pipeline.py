@@ -94,7 +94,7 @@ def vecaf_pipeline(
     rt = runtime()
     local_pool = rt.settings.stack.work_pool if rt.settings.stack.host in _LOOPBACK else None
     reconcile_task(rt.tracking_uri, local_pool)
-    pool = pool_version_task(data, models, rt.store_dir)
+    pool = pool_version_task(data, models, rt.feature_store)
     learned = {"data": data.model_dump(mode="json"), "models": models.model_dump(mode="json"),
                "ood_prompt": (ood_prompt or "").strip() or None, "objective": objective.model_dump(mode="json"),
                "training": training.model_dump(mode="json")}  # fmt: skip

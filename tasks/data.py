@@ -435,7 +435,7 @@ def load_dataset_task(data: DataParams, split: str, work_dir: str) -> dict[str, 
     return ref.to_dict()
 
 
-def pool_version(data: DataParams, models: Any, store_dir: str) -> dict[str, Any]:
+def pool_version(data: DataParams, models: Any, store: dict[str, Any] | str) -> dict[str, Any]:
     """The pool as this run finds it: its version (size, images per class, digest D) and what is new in it.
 
     An image is *new* when the ``image_embeddings`` view holds no row for its content under this run's PVM
@@ -446,7 +446,7 @@ def pool_version(data: DataParams, models: Any, store_dir: str) -> dict[str, Any
     Args:
         data: the data parameters (the pool is ``data.train_split``).
         models: the ``ModelParams`` (the PVM key of the cache lookup).
-        store_dir: the Feast store.
+        store: the Feast store spec (``Runtime.feature_store``), as every task that reads the store gets it.
 
     Returns:
         ``{"dataset", "split", "size", "digest", "class_counts": {class name: images}, "new", "cached"}``.
@@ -456,7 +456,7 @@ def pool_version(data: DataParams, models: Any, store_dir: str) -> dict[str, Any
 
     ds = load_split(data, data.train_split)
     hashes = image_content_hashes(ds)
-    seen = cached_ids(store_dir, "image_embeddings", ds.ids, hashes, model_name=feature_keys(models, data, None).pvm)
+    seen = cached_ids(store, "image_embeddings", ds.ids, hashes, model_name=feature_keys(models, data, None).pvm)
     counts = np.bincount(np.asarray(ds.labels, dtype=np.int64), minlength=ds.num_classes)
     return {
         "dataset": ds.name,
@@ -470,7 +470,7 @@ def pool_version(data: DataParams, models: Any, store_dir: str) -> dict[str, Any
 
 
 @task(name="pool-version", **LOCAL_TASK)
-def pool_version_task(data: DataParams, models: Any, store_dir: str) -> dict[str, Any] | None:
+def pool_version_task(data: DataParams, models: Any, store: dict[str, Any] | str) -> dict[str, Any] | None:
     """:func:`pool_version`, logged ("N images, n new, m seen before") and published as the table artifact
     ``pool-version``: one row per class, then "(all)", "(new)" and "(seen before)"; the digest in its
     description.
@@ -482,7 +482,7 @@ def pool_version_task(data: DataParams, models: Any, store_dir: str) -> dict[str
     from prefect.artifacts import create_table_artifact
 
     try:
-        version = pool_version(data, models, store_dir)
+        version = pool_version(data, models, store)
     except (OSError, ValueError) as exc:
         get_run_logger().warning("pool version unknown (%s); the data steps below report it", exc)
         return None
