@@ -25,21 +25,26 @@ _ORDER = {progress_key(step): i for i, step in enumerate(STEPS)}
 """Display order: the pipeline's own bar first, then the steps in the order they run."""
 
 
-def read_progress(flow_run_id: Any) -> dict[str, tuple[float, str]]:
-    """``{artifact key: (percent, description)}`` of a flow run's progress artifacts (current Prefect API)."""
+def latest_artifacts(flow_run_id: Any, *, kind: str | None = None) -> dict[str, Any]:
+    """The newest artifact of each key that a flow run holds (key -> artifact; ``kind``: only that type)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
+    wanted = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+        type=None if kind is None else ArtifactFilterType(any_=[kind]),
+    )
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])
-            )
-        )
-    out: dict[str, tuple[float, str]] = {}
-    for artifact in sorted(found, key=lambda a: a.updated or a.created):
-        if artifact.key:
-            out[artifact.key] = (float(artifact.data or 0.0), artifact.description or "")
+        found = client.read_artifacts(artifact_filter=wanted)
+    return {a.key: a for a in sorted(found, key=lambda a: a.updated or a.created) if a.key}
+
+
+def read_progress(flow_run_id: Any) -> dict[str, tuple[float, str]]:
+    """``{artifact key: (percent, description)}`` of a flow run's progress artifacts (current Prefect API)."""
+    out = {
+        key: (float(a.data or 0.0), a.description or "")
+        for key, a in latest_artifacts(flow_run_id, kind="progress").items()
+    }
     return dict(sorted(out.items(), key=lambda kv: (_ORDER.get(kv[0], len(_ORDER)), kv[0])))
 
 

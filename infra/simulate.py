@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from infra.progress import latest_artifacts
 from vecaf.settings import Settings
 
 SNOW_PROMPT = "It's a snowy day!"
@@ -351,22 +352,6 @@ def day_parameters(config: SimConfig, day: int, folders: Folders, classes: Seque
     )
 
 
-def _artifacts(flow_run_id: Any) -> dict[str, Any]:
-    """The latest artifact of each key that a flow run created (key -> artifact)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    out: dict[str, Any] = {}
-    for artifact in sorted(found, key=lambda a: a.created or 0):
-        if artifact.key:
-            out[artifact.key] = artifact
-    return out
-
-
 def read_pool_version(artifact: Any) -> dict[str, Any]:
     """The pool version the ``pool-version`` table artifact holds (class counts, size, new, cached, digest)."""
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
@@ -391,7 +376,7 @@ def pipeline_noop(settings: Settings, flow_run_id: Any) -> str | None:
     from flows.deploy import prefect_api
 
     with prefect_api(settings):
-        return noop_reason(_artifacts(flow_run_id))
+        return noop_reason(latest_artifacts(flow_run_id))
 
 
 def run_pipeline_day(settings: Settings, deployment: str, params: Any, *, timeout: float,
@@ -424,7 +409,7 @@ def run_pipeline_day(settings: Settings, deployment: str, params: Any, *, timeou
     if not run.state.is_completed():
         raise RuntimeError(f"{deployment} run {run.name} ended {run.state.name}: {run.state.message}")
     with prefect_api(settings):
-        artifacts = _artifacts(run.id)
+        artifacts = latest_artifacts(run.id)
     out: dict[str, Any] = {"flow_run_id": str(run.id), "state": run.state.name, "seconds": seconds, "noop": None}
     out["pool"] = read_pool_version(artifacts["pool-version"]) if "pool-version" in artifacts else None
     reason = noop_reason(artifacts)
