@@ -315,14 +315,8 @@ _LIVE = ("RUNNING", "SCHEDULED", "FINISHED")
 
 
 def _list_objects(s3: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
-    objects, token = [], None
-    while True:
-        extra = {"ContinuationToken": token} if token else {}
-        page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, **extra)
-        objects.extend(page.get("Contents", []))
-        token = page.get("NextContinuationToken")
-        if not page.get("IsTruncated") or not token:
-            return objects
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj for page in pages for obj in page.get("Contents", [])]
 
 
 def _tagged_runs(client: Any) -> dict[str, list[Any]]:
