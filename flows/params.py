@@ -352,6 +352,12 @@ class TrainingParams(_Params):
         title="Loss power",
         description="VeCAF: selection weights p ~ L^loss_power (1 = Eq. 3 as written)."
     )
+    selection_loss: Literal["expected", "observed"] = Field(
+        "expected",
+        title="Selection loss",
+        description="VeCAF: weigh the selection by the expected loss under the model's own prediction "
+        "(measured better) or by the observed loss at the label (Eq. 3 as written).",
+    )
     eval_every: int | None = Field(
         None,
         ge=1,

@@ -284,6 +284,7 @@ def _finetune(
         exclude_previous=t.exclude_previous,
         cumulative=t.cumulative,
         selection_options={"loss_power": t.loss_power} if t.method == "vecaf" else None,
+        selection_loss=t.selection_loss,
         eval_every=t.eval_every,
         seed=t.seed,
         device=spec.models.device,

@@ -8,6 +8,10 @@
 - ``weighted_cross_entropy``: L_i = w_{y_i} * CE_i, with given class weights or "balanced" ones
   w_c = N / (C * n_c) (n_c: samples of class c in ``labels``).
 
+``expected_losses`` gives the label-free counterpart the ``vecaf`` selection weighs by default: the
+objective's expectation under the model's own prediction, L_bar_i = sum_c p_ic l(z_i, c) with p_i = softmax(z_i)
+(for cross-entropy the predictive entropy H(p_i)).
+
 Numpy in gives numpy out (float64); torch in gives torch out, differentiable in the logits, so the
 finetuning engine can train on the same objective it selects with.
 """
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("cross_entropy", "one_vs_all", "weighted_cross_entropy")
+SELECTION_LOSSES = ("expected", "observed")
 
 
 def _inputs(logits: Any, labels: Any, *, allow_1d: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -163,3 +168,34 @@ def per_sample_losses(
     if objective == "weighted_cross_entropy":
         return weighted_cross_entropy(logits, labels, class_weights=class_weights)
     raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+
+
+def expected_losses(logits: Any, loss: Any = None) -> Any:
+    """Per-sample expected loss under the model's own prediction: L_bar_i = sum_c p_ic l(z_i, c), p_i = softmax(z_i).
+
+    The label-free form of the objective, which the ``vecaf`` selection weighs by default in place of the
+    observed L_i = l(z_i, y_i) of Eq. 3 (``docs/fidelity.md``): it is large where the model is unsure, and
+    bounded by that unsureness, so a sample the model gets confidently wrong (an ambiguous or mislabelled
+    image, whose observed loss grows with the logits' scale) does not take the selection's weight.
+
+    Args:
+        logits: (N, C) class scores z.
+        loss: the objective, a callable (logits (N, C), labels (N,)) -> (N,) losses, e.g. ``cross_entropy``
+            or a ``functools.partial`` of ``one_vs_all``; None is cross-entropy, computed in closed form
+            as the predictive entropy H(p_i) = -sum_c p_ic log p_ic. A callable is evaluated once per class.
+
+    Returns:
+        (N,) non-negative expected losses (numpy float64 for numpy input, a tensor for torch input).
+    """
+    shape = np.shape(logits)
+    z, _, is_numpy = _inputs(logits, np.zeros(shape[0] if shape else 0, dtype=np.int64))
+    log_p = torch.log_softmax(z, dim=1)
+    p = log_p.exp()
+    if loss is None:
+        return _out(-(p * log_p).sum(dim=1), is_numpy)
+    total = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+    for c in range(z.shape[1]):
+        labels = torch.full((z.shape[0],), c, dtype=torch.long, device=z.device)
+        per_class = torch.as_tensor(loss(z, labels), dtype=z.dtype, device=z.device).reshape(-1)
+        total += p[:, c] * per_class
+    return _out(total, is_numpy)

@@ -273,10 +273,13 @@ def test_json_ready_parameters_round_trip():
     assert again == params and again.ood_prompt == "It's a snowy day!"
 
 
-def test_training_defaults_and_limits_of_cumulative_and_loss_power():
+def test_training_defaults_and_limits_of_cumulative_loss_power_and_selection_loss():
     t = TrainingParams()
     assert t.cumulative is True and t.loss_power == 0.5  # the measured default (docs/engine.md, "Loop protocol")
     assert TrainingParams(cumulative=True, loss_power=1.0).loss_power == 1.0
+    assert t.selection_loss == "expected" and TrainingParams(selection_loss="observed").selection_loss == "observed"
+    with pytest.raises(ValidationError, match="selection_loss"):
+        TrainingParams(selection_loss="label")
     for bad in (0.0, -1.0, 11.0):
         with pytest.raises(ValidationError, match="loss_power"):
             TrainingParams(loss_power=bad)

@@ -110,8 +110,54 @@ def test_losses_feed_the_selection():
         (lambda: objectives.weighted_cross_entropy(LOGITS, LABELS, class_weights="inverse"), "'balanced' or a"),
         (lambda: objectives.per_sample_losses(LOGITS, LABELS, objective="focal"), "unknown objective 'focal'"),
         (lambda: objectives.per_sample_losses(LOGITS, LABELS, objective="one_vs_all"), "needs target"),
+        (lambda: objectives.expected_losses(LOGITS[:, 0]), r"logits must be a non-empty \(N, C\)"),
+        (lambda: objectives.expected_losses(np.zeros((0, 3))), "non-empty"),
+        (lambda: objectives.expected_losses(np.where(LOGITS > 3, np.inf, LOGITS)), "NaN or inf"),
     ],
 )
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def _probs(row):
+    return [math.exp(v) for v in _log_softmax_row(row)]
+
+
+def test_expected_cross_entropy_is_the_predictive_entropy():
+    """L_bar_i = sum_c p_ic (-log p_ic), worked with a plain loop; log 2 and log 3 at uniform predictions."""
+    expected = [-sum(p * math.log(p) for p in _probs(row)) for row in LOGITS.tolist()]
+    got = objectives.expected_losses(LOGITS)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got.dtype == np.float64
+    assert got[3] == pytest.approx(math.log(3))
+    assert objectives.expected_losses(np.array([[0.7, 0.7]]))[0] == pytest.approx(math.log(2))
+    # label-free and bounded by log C, where the observed loss at a wrong label grows with the logits' scale
+    sharp = np.array([[40.0, 0.0, 0.0]])
+    assert objectives.expected_losses(sharp)[0] < 1e-15
+    assert objectives.cross_entropy(sharp, np.array([1]))[0] == pytest.approx(40.0)
+    assert (got <= math.log(3) + 1e-12).all() and (got >= 0).all()
+
+
+def test_expected_loss_of_a_callable_objective_is_the_sum_over_classes():
+    # cross-entropy as a callable gives the closed form
+    np.testing.assert_allclose(objectives.expected_losses(LOGITS, objectives.cross_entropy),
+                               objectives.expected_losses(LOGITS), rtol=1e-12)
+    # class-weighted: sum_c p_c w_c (-log p_c)
+    w = [0.5, 2.0, 1.0]
+    weighted = lambda z, y: objectives.weighted_cross_entropy(z, y, class_weights=w)  # noqa: E731
+    expected = [-sum(wc * p * math.log(p) for wc, p in zip(w, _probs(row))) for row in LOGITS.tolist()]
+    np.testing.assert_allclose(objectives.expected_losses(LOGITS, weighted), expected, rtol=1e-12)
+    # one-vs-all for target t: the binary entropy of q = p_t (positive with probability q)
+    for t in range(3):
+        ova = lambda z, y: objectives.one_vs_all(z, y, target=t)  # noqa: E731
+        qs = [_probs(row)[t] for row in LOGITS.tolist()]
+        expected = [-(q * math.log(q) + (1 - q) * math.log(1 - q)) for q in qs]
+        np.testing.assert_allclose(objectives.expected_losses(LOGITS, ova), expected, rtol=1e-9)
+
+
+def test_expected_losses_keep_torch_in_torch_out():
+    z = torch.tensor(LOGITS, dtype=torch.float32)
+    got = objectives.expected_losses(z)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), objectives.expected_losses(LOGITS), rtol=1e-5)

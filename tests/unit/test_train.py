@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vecaf import objectives
 import vecaf.train.engine as engine
 import vecaf.train.plan as plan
 from vecaf.train import (
@@ -346,6 +347,41 @@ def test_use_losses_false_gives_selection_constant_losses(data, monkeypatch):
         loops=1, batch_budget=2, batch_size=4, use_losses=False,
     )
     np.testing.assert_array_equal(seen[0], np.ones(len(data["train_feats"][1])))
+
+
+def test_vecaf_selects_with_expected_losses_by_default_and_observed_ones_on_request(data, monkeypatch):
+    """selection_loss="expected": the initial head's predictive entropies (worked here with a plain loop);
+    "observed": the CE at the labels (Eq. 3); other methods always get the observed losses."""
+    seen = []
+    real = engine._call_select
+    monkeypatch.setattr(engine, "_call_select", lambda emb, k, **kw: seen.append(kw) or real(emb, k, **kw))
+    x, y = data["train_feats"]
+    model = _head()
+    w, b = model.classifier.weight.detach().numpy().astype(np.float64), model.classifier.bias.detach().numpy()
+    common = dict(mode="head", budget=5, loops=1, batch_budget=1, batch_size=4)
+    default = finetune(model, (x, y), data["test_feats"], method="vecaf", **common)
+    finetune(model, (x, y), data["test_feats"], method="vecaf", selection_loss="observed", **common)
+    finetune(model, (x, y), data["test_feats"], method="topk_loss", **common)
+    assert default.config["selection_loss"] == "expected"
+    for i in (0, 17, 99):
+        z = x[i] @ w.T + b
+        p = [math.exp(v - z.max()) for v in z]
+        p = [v / sum(p) for v in p]
+        entropy = -sum(v * math.log(v) for v in p)
+        ce = -math.log(p[y[i]])
+        assert seen[0]["losses"][i] == pytest.approx(entropy, rel=1e-4)
+        assert seen[1]["losses"][i] == pytest.approx(ce, rel=1e-4)
+        assert seen[2]["losses"][i] == pytest.approx(ce, rel=1e-4)
+    # a callable objective: sum_c p_c l(z, c), here the class-weighted CE
+    weights = np.linspace(0.5, 2.0, 10)
+    objective = lambda z, t: objectives.weighted_cross_entropy(z, t, class_weights=weights)  # noqa: E731
+    finetune(model, (x, y), data["test_feats"], method="vecaf", objective=objective, **common)
+    z = x[:3].astype(np.float64) @ w.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(seen[3]["losses"][:3], -(weights * p * np.log(p)).sum(1), rtol=1e-4)
+    with pytest.raises(ValueError, match="selection_loss must be one of"):
+        finetune(model, (x, y), data["test_feats"], method="vecaf", selection_loss="calibrated", **common)
 
 
 def test_result_metrics_curve_b2a_and_callbacks(data):

@@ -20,6 +20,10 @@ The objective models the whole pool (samples chosen in earlier loops are still p
 distribution, with their current losses); ``exclude`` only removes samples from initialisation and
 matching.
 
+Which losses: ``vecaf.train.finetune`` passes the expected loss under the current model's own prediction,
+sum_c p_ic l(z_i, c) (``vecaf.objectives.expected_losses``), by default, and the observed l(z_i, y_i) of Eq. 3
+with ``selection_loss="observed"``; this module weighs whatever ``losses`` it is given (``docs/fidelity.md``).
+
 Why beta = 0.5 by default: with beta = 1 the picks of loops 2-3 concentrate on the high-loss, confusable
 classes (fewer classes covered per loop), and VeCAF fell below random and ActiveFT in the head-mode
 benchmark; beta = 0.5 gained 3.9 +- 1.2 top-1 points on a validation split (``benchmarks/NOTES.md``,

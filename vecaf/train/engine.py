@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vecaf import objectives
+from vecaf.objectives import SELECTION_LOSSES
 from vecaf.train import checkpoint as ckpt
 from vecaf.train.checkpoint import point_from_state as _point_from_state
 from vecaf.train.checkpoint import point_state as _point_state
@@ -66,7 +68,7 @@ FULL_DATA = "full"
 MODES = ("head", "full")
 CHECKPOINT_FORMAT = 1
 # fingerprint fields added after format 1 was written, with the value older checkpoints were made under
-_FINGERPRINT_DEFAULTS: dict[str, Any] = {"cumulative": False, "replay": 0.0}
+_FINGERPRINT_DEFAULTS: dict[str, Any] = {"cumulative": False, "replay": 0.0, "selection_loss": "observed"}
 
 
 def _split_data(data: Any, name: str) -> tuple[Any, np.ndarray, list[str] | None]:
@@ -118,8 +120,6 @@ def _resolve_objective(
 
     "Balanced" class weights are computed once from the whole pool's labels (not per batch).
     """
-    from vecaf import objectives
-
     if callable(objective):
         return objective, getattr(objective, "__name__", "custom")
     name = _OBJECTIVE_NAMES.get(objective) if isinstance(objective, str) else None
@@ -240,6 +240,7 @@ def finetune(
     cumulative: bool = False,
     replay: float = 0.0,
     use_losses: bool = True,
+    selection_loss: str = "expected",
     eval_every: int | None = None,
     eval_at_start: bool = True,
     targets: Sequence[float] = (),
@@ -304,6 +305,13 @@ def finetune(
             constants then cover the loop's picks and the earlier ones. Must lie in [0, 1).
         use_losses: give the per-sample losses to the selection; False passes constant losses, which
             removes the loss weighting of Eq. 7 (the "ODS off" row of Table 5).
+        selection_loss: which per-sample loss weighs ``method="vecaf"``'s selection (Eq. 3):
+            "expected" (default), the objective's expectation under the model's own prediction,
+            L_bar_i = sum_c p_ic l(z_i, c) (``vecaf.objectives.expected_losses``; for cross-entropy the
+            predictive entropy), or "observed", the loss at the label, L_i = l(z_i, y_i), Eq. 3 as written.
+            Measured on a validation split (``docs/fidelity.md``): with an over-confident head the observed
+            losses put nearly all the weight on confidently misclassified samples, and training on those
+            lowered top-1. Other methods always get the observed losses (``topk_loss`` ranks by them).
         eval_every: evaluate on the test split every n global batches (default B // 10); loop ends and
             the last batch are always evaluated.
         eval_at_start: also evaluate before the first batch (batch 0 of the curve).
@@ -355,6 +363,8 @@ def finetune(
         if not math.isfinite(float(value)) or float(value) < 0:
             raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
     lam_bw = _check_fraction("lam_bw", lam_bw, low_open=False)
+    if selection_loss not in SELECTION_LOSSES:
+        raise ValueError(f"selection_loss must be one of {SELECTION_LOSSES}, got {selection_loss!r}")
     targets = tuple(float(t) for t in targets)
     for t in targets:
         _check_fraction("each B2A target", t)
@@ -446,6 +456,7 @@ def finetune(
             cumulative=bool(cumulative),
             replay=replay,
             use_losses=bool(use_losses),
+            selection_loss=selection_loss,
             eval_every=int(eval_every),
             eval_at_start=bool(eval_at_start),
             targets=targets,
@@ -525,6 +536,7 @@ class _Run:
     eta: float
     lam_bw: float
     use_losses: bool
+    selection_loss: str
     selection_options: dict[str, Any]
     # evaluation, checkpoints, execution
     eval_every: int
@@ -567,6 +579,9 @@ class _Run:
             self.objective, target_class=self.target_class, class_weights=self.class_weights,
             num_classes=self.num_classes, labels=self.train_labels,
         )
+        # the closed form (the predictive entropy) when the objective is the named cross-entropy
+        named_ce = isinstance(self.objective, str) and self.objective_name == "cross_entropy"
+        self.expected_loss_fn = None if named_ce else self.loss_fn
         test_inputs, self.test_labels = self.test
         if self.cumulative and self.full_data:
             self._note("full-data finetuning ignores cumulative=True (every loop already trains on the whole pool)")
@@ -717,10 +732,16 @@ class _Run:
                     e = x if (features or net.backbone is None) else net.embed(x)
                     if "embeddings" in parts:
                         parts["embeddings"].append(e.float())
-                    if "logits" in parts or "losses" in parts:
+                    if "logits" in parts or "losses" in parts or "expected_losses" in parts:
                         z = net.classifier()(e).float()
                         if "logits" in parts:
                             parts["logits"].append(z)
+                        if "expected_losses" in parts:
+                            if torch.isfinite(z).all():
+                                expected = objectives.expected_losses(z, self.expected_loss_fn)
+                                parts["expected_losses"].append(expected.float().reshape(-1))
+                            else:
+                                parts["expected_losses"].append(torch.full((len(idx),), float("nan"), device=self.device))
                         if "losses" in parts:
                             if torch.isfinite(z).all():
                                 y = torch.from_numpy(labels[idx]).to(self.device)
@@ -732,7 +753,7 @@ class _Run:
         out = {}
         for key, chunks in parts.items():
             local = torch.cat(chunks) if chunks else torch.zeros((0,), device=self.device)
-            if key != "losses" and not chunks:
+            if key not in ("losses", "expected_losses") and not chunks:
                 local = local.reshape(0, 1)
             out[key] = ddp.all_gather_rows(local, self.ctx).cpu().numpy()
         return out
@@ -766,10 +787,11 @@ class _Run:
         use_feats = self.mode == "head" or (loop == 0 and self.pool_features is not None)
         rows = _Rows(tensor=self.pool_features) if use_feats else self.pool_rows
         needs_probs = _needs_probs(self.method)  # entropy / margin read the current model's probabilities
-        want = ("embeddings", "losses", "logits") if needs_probs else ("embeddings", "losses")
+        expected = self.method == "vecaf" and self.use_losses and self.selection_loss == "expected"
+        want = ("embeddings", "losses") + (("logits",) if needs_probs else ()) + (("expected_losses",) if expected else ())
         res = self._pass(self.net, rows, self.train_labels, features=use_feats, want=want)
         emb, losses = res["embeddings"], res["losses"].astype(np.float64)
-        if not np.isfinite(losses).all():
+        if not np.isfinite(losses).all() or (expected and not np.isfinite(res["expected_losses"]).all()):
             raise self._diverged(loop, f"the pool pass at the start of loop {loop + 1} gave NaN/inf losses")
         seconds["pass"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -777,7 +799,10 @@ class _Run:
         if self.ctx.is_main:
             exclude = np.concatenate([r.picks for r in self.records]) if self.exclude_previous and self.records else None
             text = self.text if self.text is not None and self.text_has.all() else None
-            sel_losses = losses if self.use_losses else np.ones_like(losses)
+            if not self.use_losses:
+                sel_losses = np.ones_like(losses)
+            else:
+                sel_losses = res["expected_losses"].astype(np.float64) if expected else losses
             options = dict(self.selection_options)
             if text is not None and self.method == "vecaf":
                 options.setdefault("eta", self.eta)
@@ -899,6 +924,8 @@ class _Run:
             "cumulative": bool(self.cumulative) and not self.full_data,
             "replay": 0.0 if self.full_data else float(self.replay),
             "use_losses": self.use_losses,
+            # what the selection read: only vecaf reads the expected losses
+            "selection_loss": self.selection_loss if self.method == "vecaf" else "observed",
             "seed": self.seed,
             "pool_size": len(self.train_labels),
             "num_classes": self.num_classes,
