@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
@@ -303,3 +304,50 @@ def test_headroom_merge_keeps_the_first_run_of_each_method_ratio_and_seed():
     runs = [{"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.5}, {"method": "vecaf", "ratio": 0.02, "seed": 0, "top1": 0.6},
             {"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.7}, {"method": "random", "ratio": 0.01, "seed": 0, "top1": 0.4}]
     assert [r["top1"] for r in headroom.unique_runs(runs)] == [0.5, 0.6, 0.4]
+
+
+# --- loss_weighting_probe.py (issue 14: which weights VeCAF's selection should use) ---------------------------
+
+
+def _load_probe():
+    spec = importlib.util.spec_from_file_location("bench_probe", BENCH / "loss_weighting_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_temperature_is_the_grid_point_of_least_held_out_nll():
+    probe = _load_probe()
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(200, 4)) * 8.0)
+    labels = torch.from_numpy(rng.integers(0, 4, size=200))
+    mask = np.arange(200) % 3 != 0
+    grid = np.exp(np.linspace(np.log(0.05), np.log(200), 120))
+    nll = []
+    for t in grid:  # a plain loop over the held rows
+        total = 0.0
+        for i in np.flatnonzero(mask):
+            z = logits[i].numpy() / t
+            total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[int(labels[i])]
+        nll.append(total / mask.sum())
+    assert probe.fit_temperature(logits, labels, mask) == pytest.approx(grid[int(np.argmin(nll))])
+    # random labels: the best temperature flattens these sharp logits
+    assert probe.fit_temperature(logits, labels, mask) > 8.0
+
+
+def test_probe_merge_summarises_the_seeds(tmp_path):
+    probe = _load_probe()
+    parts = []
+    for seed, (a, b) in enumerate([(0.70, 0.80), (0.74, 0.84)]):
+        row = {"per_loop": a, "cumulative": b, "misclassified": 0.5 + seed / 10, "loss_percentile": 0.8,
+               "margin_percentile": 0.1, "select_s": 2.0 + seed}
+        part = {"seed": seed, "loop1_top1": 0.6, "variants": {"vent:0.5": row, "random": dict(row, per_loop=0.6)}}
+        path = tmp_path / f"p{seed}.json"
+        path.write_text(json.dumps(part))
+        parts.append(path)
+    report = probe.merge(parts, tmp_path)
+    cell = report["summary"]["vent:0.5"]
+    assert cell["seeds"] == [0, 1] and cell["per_loop"]["mean"] == pytest.approx(0.72)
+    assert cell["cumulative"]["mean"] == pytest.approx(0.82) and cell["select_s"]["per_seed"] == [2.0, 3.0]
+    assert report["summary"]["random"]["per_loop"]["mean"] == pytest.approx(0.6)
+    assert json.loads((tmp_path / "loss-weighting-probe.json").read_text())["summary"] == report["summary"]
