@@ -134,6 +134,13 @@ def validation_split(labels: np.ndarray, per_class: int = VALIDATION_PER_CLASS, 
     return np.setdiff1d(np.arange(labels.shape[0]), held), held
 
 
+def validation_data(train: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The tuning pool as ``train`` and the validation split as ``test`` (for ``run_one``), and their indices."""
+    pool_idx, val_idx = validation_split(train["labels"])
+    x, y = train["features"], train["labels"]
+    return {"train": (x[pool_idx], y[pool_idx]), "test": (x[val_idx], y[val_idx])}, pool_idx, val_idx
+
+
 # ----- one run -----------------------------------------------------------------------------------------------
 
 
@@ -281,9 +288,7 @@ def table(summary: dict[str, Any], methods: list[str], ratios: list[float], targ
 def tune(args, log) -> dict[str, Any]:
     """Full-data FT vs random 1 %/loop on the validation split over the grid; the rule picks the protocol."""
     train = load_features("train", args.pool_limit, args.cache, log)
-    pool_idx, val_idx = validation_split(train["labels"])
-    x, y = train["features"], train["labels"]
-    data = {"train": (x[pool_idx], y[pool_idx]), "test": (x[val_idx], y[val_idx])}
+    data, pool_idx, val_idx = validation_data(train)
     grid = []
     for budget in args.tune_budgets:
         for lr in args.tune_lrs:
@@ -369,9 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         train = load_features("train", args.pool_limit, args.cache, log)
         if args.validation:
-            pool_idx, val_idx = validation_split(train["labels"])
-            x, y = train["features"], train["labels"]
-            data = {"train": (x[pool_idx], y[pool_idx]), "test": (x[val_idx], y[val_idx])}
+            data, pool_idx, val_idx = validation_data(train)
             inputs = {"pool_size": int(pool_idx.size), "test_size": int(val_idx.size), "split": "validation",
                       "validation": {"per_class": VALIDATION_PER_CLASS, "seed": VALIDATION_SEED}}
         else:

@@ -35,8 +35,9 @@ FEAST_NUMBERS = [
 ]
 
 
-def _load_common():
-    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "_common.py")
+def _load_bench(filename: str):
+    """A benchmark script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_" + Path(filename).stem, BENCH / filename)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -168,7 +169,7 @@ def test_bad_options_are_refused_with_a_message(script, args, message, tmp_path)
 
 
 def test_median_by_hand():
-    common = _load_common()
+    common = _load_bench("_common.py")
     assert common.median([3.0, 1.0, 2.0]) == 2.0
     assert common.median([4.0, 1.0, 3.0, 2.0]) == 2.5
     assert common.median([7]) == 7.0
@@ -177,7 +178,7 @@ def test_median_by_hand():
 
 
 def test_interleaved_alternates_the_order_and_keeps_the_first_results():
-    common = _load_common()
+    common = _load_bench("_common.py")
     calls: list[str] = []
 
     def make(name):
@@ -198,7 +199,7 @@ def test_interleaved_alternates_the_order_and_keeps_the_first_results():
 
 
 def test_rate_summary_is_n_over_seconds():
-    common = _load_common()
+    common = _load_bench("_common.py")
     summary = common.rate_summary(100, [2.0, 4.0, 5.0])
     assert summary["per_s_runs"] == [50.0, 25.0, 20.0]
     assert summary["per_s"] == 25.0
@@ -207,15 +208,8 @@ def test_rate_summary_is_n_over_seconds():
 # --- quality_headroom.py (issue 14) -----------------------------------------------------------------------
 
 
-def _load_headroom():
-    spec = importlib.util.spec_from_file_location("bench_headroom", BENCH / "quality_headroom.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_headroom_time_to_accuracy_by_hand():
-    headroom = _load_headroom()
+    headroom = _load_bench("quality_headroom.py")
     loops = [
         {"end_batches": 10, "batches": 10, "seconds": {"pass": 1.0, "select": 4.0, "train": 2.0, "eval": 9.0}},
         {"end_batches": 20, "batches": 10, "seconds": {"pass": 1.0, "select": 6.0, "train": 3.0, "eval": 9.0}},
@@ -231,7 +225,7 @@ def test_headroom_time_to_accuracy_by_hand():
 
 
 def test_headroom_validation_split_is_stratified_disjoint_and_seeded():
-    headroom = _load_headroom()
+    headroom = _load_bench("quality_headroom.py")
     labels = np.repeat(np.arange(4), 30)
     pool, held = headroom.validation_split(labels, per_class=5, seed=1)
     assert np.intersect1d(pool, held).size == 0 and pool.size + held.size == 120
@@ -251,7 +245,7 @@ def test_headroom_quick_run_summary_follows_from_its_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "quality-headroom-quick.json").read_text())
-    headroom = _load_headroom()
+    headroom = _load_bench("quality_headroom.py")
     summary, runs = report["summary"], report["runs"]
     assert report["settings"]["quick"] is True and report["inputs"]["pool_size"] == 3000
     for method in headroom.METHODS:
@@ -300,7 +294,7 @@ def test_selection_profile_quick_ratio_and_phases_follow_from_its_runs(tmp_path)
 
 
 def test_headroom_merge_keeps_the_first_run_of_each_method_ratio_and_seed():
-    headroom = _load_headroom()
+    headroom = _load_bench("quality_headroom.py")
     runs = [{"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.5}, {"method": "vecaf", "ratio": 0.02, "seed": 0, "top1": 0.6},
             {"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.7}, {"method": "random", "ratio": 0.01, "seed": 0, "top1": 0.4}]
     assert [r["top1"] for r in headroom.unique_runs(runs)] == [0.5, 0.6, 0.4]
@@ -309,15 +303,8 @@ def test_headroom_merge_keeps_the_first_run_of_each_method_ratio_and_seed():
 # --- loss_weighting_probe.py (issue 14: which weights VeCAF's selection should use) ---------------------------
 
 
-def _load_probe():
-    spec = importlib.util.spec_from_file_location("bench_probe", BENCH / "loss_weighting_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_probe_temperature_is_the_grid_point_of_least_held_out_nll():
-    probe = _load_probe()
+    probe = _load_bench("loss_weighting_probe.py")
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(size=(200, 4)) * 8.0)
     labels = torch.from_numpy(rng.integers(0, 4, size=200))
@@ -336,7 +323,7 @@ def test_probe_temperature_is_the_grid_point_of_least_held_out_nll():
 
 
 def test_probe_merge_summarises_the_seeds(tmp_path):
-    probe = _load_probe()
+    probe = _load_bench("loss_weighting_probe.py")
     parts = []
     for seed, (a, b) in enumerate([(0.70, 0.80), (0.74, 0.84)]):
         row = {"per_loop": a, "cumulative": b, "misclassified": 0.5 + seed / 10, "loss_percentile": 0.8,

@@ -736,18 +736,15 @@ class _Run:
                         z = net.classifier()(e).float()
                         if "logits" in parts:
                             parts["logits"].append(z)
+                        # non-finite logits give NaN losses, which the caller reports as a divergence
+                        finite = bool(torch.isfinite(z).all())
+                        nan = None if finite else torch.full((len(idx),), float("nan"), device=self.device)
                         if "expected_losses" in parts:
-                            if torch.isfinite(z).all():
-                                expected = objectives.expected_losses(z, self.expected_loss_fn)
-                                parts["expected_losses"].append(expected.float().reshape(-1))
-                            else:
-                                parts["expected_losses"].append(torch.full((len(idx),), float("nan"), device=self.device))
+                            expected = objectives.expected_losses(z, self.expected_loss_fn) if finite else nan
+                            parts["expected_losses"].append(expected.float().reshape(-1))
                         if "losses" in parts:
-                            if torch.isfinite(z).all():
-                                y = torch.from_numpy(labels[idx]).to(self.device)
-                                parts["losses"].append(self.loss_fn(z, y).float().reshape(-1))
-                            else:
-                                parts["losses"].append(torch.full((len(idx),), float("nan"), device=self.device))
+                            y = torch.from_numpy(labels[idx]).to(self.device)
+                            parts["losses"].append(self.loss_fn(z, y).float().reshape(-1) if finite else nan)
         finally:
             net.train(was_training)
         out = {}
