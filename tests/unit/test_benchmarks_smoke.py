@@ -226,12 +226,16 @@ def test_headroom_time_to_accuracy_by_hand():
 
 def test_headroom_validation_split_is_stratified_disjoint_and_seeded():
     headroom = _load_bench("quality_headroom.py")
-    labels = np.repeat(np.arange(4), 30)
+    labels = np.repeat(np.arange(4), 60)
     pool, held = headroom.validation_split(labels, per_class=5, seed=1)
-    assert np.intersect1d(pool, held).size == 0 and pool.size + held.size == 120
+    assert np.intersect1d(pool, held).size == 0 and pool.size + held.size == 240
     assert np.bincount(labels[held]).tolist() == [5, 5, 5, 5]
     np.testing.assert_array_equal(held, headroom.validation_split(labels, per_class=5, seed=1)[1])
     assert not np.array_equal(held, headroom.validation_split(labels, per_class=5, seed=2)[1])
+    # a small pool (--quick's 300 per class) keeps most of each class: at most a twelfth is held out
+    small = np.repeat(np.arange(3), [300, 24, 11])
+    pool, held = headroom.validation_split(small, per_class=500, seed=0)
+    assert np.bincount(small[held]).tolist() == [25, 2, 1] and np.bincount(small[pool]).tolist() == [275, 22, 10]
 
 
 @pytest.mark.slow
