@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="selection ratio per loop")
     p.add_argument("--methods", nargs="+", default=TABLE1_METHODS, choices=sorted(METHOD_SPECS))
     p.add_argument("--seeds", type=int, help="seeds per cell (default: 5 head, 3 full)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     p.add_argument("--loops", type=int, default=3)
     p.add_argument("--cumulative", action="store_true",
                    help="each loop trains on all picks so far (finetune(cumulative=True)); default: its own picks")
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "test": (image_tensors(inputs["pvm"], test, s["image_size"]), test.labels),
         }
         inputs["timings"]["preprocess"] = time.perf_counter() - t0
-    seeds = list(range(s["seeds"]))
+    seeds = list(range(args.first_seed, args.first_seed + s["seeds"]))
     runs: list[dict[str, Any]] = []
     t_runs = time.perf_counter()
     for seed in seeds:
