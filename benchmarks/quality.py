@@ -240,6 +240,9 @@ def run_one(args, inputs, data, *, name: str, ratio: float, seed: int, lam_bw: f
         "loop_top1": [r.top1 for r in result.loops],
         "per_class": [None if not math.isfinite(v) else float(v) for v in result.per_class_accuracy],
         "curve": [[p.batches, p.top1, p.loss] for p in result.curve],
+        "loops": [
+            {"end_batches": r.end_batches, "batches": r.batches, "seconds": dict(r.seconds)} for r in result.loops
+        ],
         "seconds": result.timings,
         "picks": [r.picks.tolist() for r in result.loops if r.picks is not None],
         "notes": result.notes,
