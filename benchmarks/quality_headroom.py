@@ -58,6 +58,16 @@ REFERENCE = "vecaf"
 # Chosen by --tune on the validation split (results/quality-headroom-tuning.json); see the module docstring.
 PROTOCOL = {"batch_budget": 3000, "batch_size": 32, "lr": 5e-2}
 VALIDATION_PER_CLASS = 500
+PROTOCOL_TEXT = {
+    "head": "issue 14: whole Fashion-MNIST training split as pool, whole test split, head mode, "
+            "EfficientNet-Lite0 64 px features; protocol chosen on a validation split (--tune)",
+    "full": "issue 14, full mode on the CPU: quality.py --mode full runs merged (whole network finetuned on "
+            "64 px images; pool, test and budget in settings)",
+}
+PLOT_TITLE = {
+    "head": "Headroom benchmark: Fashion-MNIST 60k pool, head mode, 3 loops (mean test top-1)",
+    "full": "Headroom benchmark, full mode on the CPU: Fashion-MNIST, 3 loops (mean test top-1)",
+}
 VALIDATION_SEED = 12345
 TUNE_GRID = {"batch_budget": [300, 1500, 3000], "lr": [5e-4, 5e-3, 5e-2, 2e-1], "batch_size": [32]}
 TUNE_SEEDS = [0, 1]
@@ -90,7 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--partial", type=Path, help="write this process's runs here (merge them with --merge)")
-    p.add_argument("--merge", type=Path, nargs="+", help="summarise the runs of these partial JSONs")
+    p.add_argument("--merge", type=Path, nargs="+",
+                   help="summarise the runs of these partial JSONs (or of quality.py --mode full reports)")
+    p.add_argument("--relabel", nargs="+", default=[], metavar="OLD=NEW",
+                   help="with --merge: rename methods, e.g. vecaf-ods=vecaf for quality.py's engine-default VeCAF")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--cache", type=Path, default=REPO / ".vecaf" / "cache" / "headroom")
     args = p.parse_args(argv)
@@ -364,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        runs = unique_runs([r for part in parts for r in part["runs"]])
+        runs = unique_runs([normalized_run(r, args.relabel) for part in parts for r in part["runs"]])
         settings = parts[0]["settings"]
         inputs = parts[0].get("inputs", {})
         methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
@@ -411,8 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarize(runs, targets)
     report = {
         "benchmark": "quality-headroom",
-        "protocol": "issue 14: whole Fashion-MNIST training split as pool, whole test split, head mode, "
-                    "EfficientNet-Lite0 64 px features; protocol chosen on a validation split (--tune)",
+        "protocol": PROTOCOL_TEXT[settings.get("mode", "head")],
         "settings": {**settings, "methods": methods, "ratios": ratios, "targets": targets, "target_rule": rule,
                      "seeds": sorted({r["seed"] for r in runs})},
         "inputs": inputs,
@@ -421,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summary,
         "runs": runs,
     }
+    suffix += "-full" if settings.get("mode") == "full" else ""
     suffix += "-validation" if settings.get("validation") else ""
     suffix += "-cumulative" if settings.get("cumulative") else ""
     path = args.out / f"quality-headroom{suffix}.json"
@@ -430,9 +443,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks.plots import plot_curves
 
     figure = plot_curves(summary, methods, ratios, args.out / f"quality-headroom{suffix}-curves.png",
-                         title="Headroom benchmark: Fashion-MNIST 60k pool, head mode, 3 loops (mean test top-1)")
+                         title=PLOT_TITLE[settings.get("mode", "head")])
     log(f"wrote {figure}")
     return report
+
+
+def normalized_run(run: dict[str, Any], relabel: list[str]) -> dict[str, Any]:
+    """A run with its method renamed by ``OLD=NEW`` pairs and a ``wall`` time (quality.py records ``total``)."""
+    names = dict(pair.split("=", 1) for pair in relabel)
+    seconds = dict(run["seconds"])
+    seconds.setdefault("wall", seconds.get("total", 0.0))
+    return {**run, "method": names.get(run["method"], run["method"]), "seconds": seconds}
 
 
 def unique_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

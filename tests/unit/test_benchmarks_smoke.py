@@ -304,6 +304,39 @@ def test_headroom_merge_keeps_the_first_run_of_each_method_ratio_and_seed():
     assert [r["top1"] for r in headroom.unique_runs(runs)] == [0.5, 0.6, 0.4]
 
 
+
+def _quality_run(method, seed, top1, *, select=0.0):
+    """A run as quality.py --mode full records it: 3 loops of 10 batches, seconds under "total"."""
+    loops = [{"end_batches": 10 * (i + 1), "batches": 10, "seconds": {"pass": 1.0, "select": select, "train": 2.0}}
+             for i in range(3)]
+    curve = [[0, 0.1, 1.0], [10, top1 - 0.2, 1.0], [20, top1 - 0.1, 1.0], [30, top1, 1.0]]
+    return {"method": method, "ratio": 0.01, "seed": seed, "top1": top1, "loop_top1": [top1 - 0.2, top1 - 0.1, top1],
+            "curve": curve, "loops": loops, "seconds": {"total": 9.0 + 3 * select, "select": 3 * select}}
+
+
+def test_headroom_merges_quality_full_mode_reports_with_relabelled_methods(tmp_path):
+    """quality.py --mode full reports merge into quality-headroom-full.json: vecaf-ods counts as VeCAF, the
+    paired differences and time-to-accuracy follow from the runs (worked by hand below)."""
+    headroom = _load_bench("quality_headroom.py")
+    settings = {"mode": "full", "pool_size": 50, "test_size": 20, "batch_budget": 30}
+    for seed, (v, r) in enumerate([(0.80, 0.70), (0.90, 0.75)]):
+        part = {"settings": settings, "seconds": {"total": 30.0}, "runs": [_quality_run("vecaf-ods", seed, v, select=4.0),
+                                                                            _quality_run("random", seed, r)]}
+        (tmp_path / f"q{seed}.json").write_text(json.dumps(part))
+    report = headroom.main(["--merge", str(tmp_path / "q0.json"), str(tmp_path / "q1.json"),
+                            "--relabel", "vecaf-ods=vecaf", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "quality-headroom-full.json").read_text())["summary"] == report["summary"]
+    assert "full mode" in report["protocol"] and report["settings"]["methods"] == ["random", "vecaf"]
+    vecaf, random_ = report["summary"]["vecaf@0.01"], report["summary"]["random@0.01"]
+    assert random_["paired_vs_vecaf"]["mean"] == pytest.approx(((0.80 - 0.70) + (0.90 - 0.75)) / 2)
+    assert random_["paired_vs_vecaf"]["se"] == pytest.approx(0.025)  # diffs 0.10, 0.15: sd 0.0354 / sqrt 2
+    assert vecaf["seconds_mean"]["wall"] == pytest.approx(21.0)  # "total" stands in for the wall time
+    # no full-data run: targets 0.5 / 0.7. Seed 0 of VeCAF reaches 0.7 at batch 20, in loop 2 after its pass and
+    # selection: loop 1 (1 + 4 + 2) + loop 2's pass and selection (1 + 4) + all 10 of its batches (2 s) = 14 s
+    assert vecaf["time_to_accuracy_s"]["0.7000"]["per_seed"][0] == pytest.approx(14.0)
+    assert vecaf["time_to_accuracy_s"]["0.7000"]["per_seed"][1] == pytest.approx(7.0)  # 0.70 at batch 10
+
+
 # --- loss_weighting_probe.py (issue 14: which weights VeCAF's selection should use) ---------------------------
 
 
