@@ -66,7 +66,7 @@ PROTOCOL_TEXT = {
 }
 PLOT_TITLE = {
     "head": "Headroom benchmark: Fashion-MNIST 60k pool, head mode, 3 loops (mean test top-1)",
-    "full": "Headroom benchmark, full mode on the CPU: Fashion-MNIST, 3 loops (mean test top-1)",
+    "full": "Full mode on the CPU: Fashion-MNIST, 3 loops (mean test top-1)",
 }
 VALIDATION_SEED = 12345
 TUNE_GRID = {"batch_budget": [300, 1500, 3000], "lr": [5e-4, 5e-3, 5e-2, 2e-1], "batch_size": [32]}
