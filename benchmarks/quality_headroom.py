@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--cache", type=Path, default=REPO / ".vecaf" / "cache" / "headroom")
     args = p.parse_args(argv)
+    if any("=" not in pair for pair in args.relabel):
+        p.error(f"--relabel takes OLD=NEW pairs, got {args.relabel}")
+    args.relabel = dict(pair.split("=", 1) for pair in args.relabel)
     args.pool_limit = args.test_limit = None
     if args.quick:
         args.pool_limit, args.test_limit = QUICK["pool"], QUICK["test"]
@@ -448,9 +451,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def normalized_run(run: dict[str, Any], relabel: list[str]) -> dict[str, Any]:
-    """A run with its method renamed by ``OLD=NEW`` pairs and a ``wall`` time (quality.py records ``total``)."""
-    names = dict(pair.split("=", 1) for pair in relabel)
+def normalized_run(run: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A run with its method renamed by ``names`` (old -> new) and a ``wall`` time (quality.py records ``total``)."""
     seconds = dict(run["seconds"])
     seconds.setdefault("wall", seconds.get("total", 0.0))
     return {**run, "method": names.get(run["method"], run["method"]), "seconds": seconds}

@@ -156,6 +156,7 @@ def test_feast_ratio_is_store_time_over_compute_time(reports):
         ("engine_speed.py", ["--image-size", "0"], "positive integer"),
         ("feast_speed.py", ["--source", "s3"], "invalid choice"),
         ("feast_speed.py", ["--images-per-s", "100"], "only applies to --source random"),
+        ("quality_headroom.py", ["--merge", "a.json", "--relabel", "vecaf-ods"], "--relabel takes OLD=NEW pairs"),
     ],
 )
 def test_bad_options_are_refused_with_a_message(script, args, message, tmp_path):
@@ -302,7 +303,6 @@ def test_headroom_merge_keeps_the_first_run_of_each_method_ratio_and_seed():
     runs = [{"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.5}, {"method": "vecaf", "ratio": 0.02, "seed": 0, "top1": 0.6},
             {"method": "vecaf", "ratio": 0.01, "seed": 0, "top1": 0.7}, {"method": "random", "ratio": 0.01, "seed": 0, "top1": 0.4}]
     assert [r["top1"] for r in headroom.unique_runs(runs)] == [0.5, 0.6, 0.4]
-
 
 
 def _quality_run(method, seed, top1, *, select=0.0):
