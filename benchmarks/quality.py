@@ -12,9 +12,12 @@ target top-1) at two targets.
     python benchmarks/quality.py --mode full            # whole network trains: <= 60 min on 2 CPU cores
     python benchmarks/quality.py --mode head --quick    # smoke run
     python benchmarks/quality.py --mode head --ablation --lam-bw 0.999 0.998 0.995 0.99   # Tables 5 and 6
+    python benchmarks/quality.py --mode full --validation --lr 2e-3 --methods random full   # choose a protocol
 
 Writes ``benchmarks/results/quality-<mode>.json`` (``-cumulative`` and ``-quick`` appended for those options) and two plots beside it:
 accuracy vs batches (Fig. 4) and B2A per method (Fig. 5); prints the summary JSON.
+``--validation`` evaluates on ``--test`` training images outside the pool (the next ones of the pool's
+stratified order) instead of the test split, so a learning rate or budget can be chosen without reading it.
 
 Protocol choices (none tuned on the test split): the pool is a seeded stratified subset of the training
 split, the test set a seeded stratified subset of the test split; images are resized to 64 px; SGD lr 5e-4 /
@@ -108,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cumulative", action="store_true",
                    help="each loop trains on all picks so far (finetune(cumulative=True)); default: its own picks")
     p.add_argument("--pool", type=int, help="pool size (stratified subset of the training split)")
+    p.add_argument("--validation", action="store_true",
+                   help="evaluate on a validation set carved from the training split (disjoint from the pool, "
+                        "--test images) instead of the test split, for choosing a protocol; -validation suffix")
     p.add_argument("--test", type=int, help="test size (stratified subset of the test split)")
     p.add_argument("--image-size", type=int, help="input side in pixels")
     p.add_argument("--batch-budget", type=int, help="total training batches B (every method)")
@@ -154,10 +160,13 @@ def load_inputs(args: argparse.Namespace, log) -> dict[str, Any]:
     args.cache.mkdir(parents=True, exist_ok=True)
     pvm = load_pvm(PVM_NAME)
     pool = load_dataset(DATASET, split="train", limit=s["pool"], seed=0)
-    test = load_dataset(DATASET, split="test", limit=s["test"], seed=0)
+    if args.validation:
+        test = validation_set(pool, s["test"])
+    else:
+        test = load_dataset(DATASET, split="test", limit=s["test"], seed=0)
     timings: dict[str, float] = {}
     features = {}
-    for split, dataset in (("train", pool), ("test", test)):
+    for split, dataset in (("train", pool), ("validation" if args.validation else "test", test)):
         path = args.cache / f"{_cache_key(split, len(dataset), s['image_size'])}.npz"
         if path.is_file():
             stored = np.load(path)
@@ -170,8 +179,29 @@ def load_inputs(args: argparse.Namespace, log) -> dict[str, Any]:
         timings[f"embed_{split}"] = time.perf_counter() - t0
         np.savez(path, features=feats, ids=np.array(dataset.ids), labels=dataset.labels)
         features[split] = feats
+    if args.validation:
+        features["test"] = features.pop("validation")
     text = load_text_embeddings(args, pvm, pool, log, timings)
     return {"pvm": pvm, "pool": pool, "test": test, "features": features, "text": text, "timings": timings}
+
+
+def validation_set(pool, size: int):
+    """``size`` training images disjoint from ``pool``: the next ones of the same seeded stratified order.
+
+    The pool is the first ``len(pool)`` images of the training split's stratified order (seed 0), so the
+    images ranked ``len(pool) .. len(pool) + size - 1`` are a stratified sample the pool never contains.
+    """
+    from vecaf.data import ArrayImageDataset, load_dataset
+
+    both = load_dataset(DATASET, split="train", limit=len(pool) + size, seed=0)
+    in_pool = set(pool.ids)
+    keep = np.array([i not in in_pool for i in both.ids])
+    if int(keep.sum()) != size:
+        raise RuntimeError(f"validation set: expected {size} images outside the pool, found {int(keep.sum())}")
+    return ArrayImageDataset(
+        both.images[keep], name=both.name, split="train", ids=[i for i, k in zip(both.ids, keep) if k],
+        labels=both.labels[keep], class_names=both.class_names,
+    )
 
 
 def load_text_embeddings(args, pvm, pool, log, timings) -> np.ndarray:
@@ -401,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         target_rule = "fixed 0.5 / 0.7 (no full-data FT run)"
     summary = summarize(runs, targets)
     extra_summary = summarize(extra, targets) if extra else {}
-    suffix = ("-cumulative" if args.cumulative else "") + ("-quick" if args.quick else "")
+    suffix = ("-cumulative" if args.cumulative else "") + ("-validation" if args.validation else "")
+    suffix += "-quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"quality-{args.mode}{suffix}.json"
     report = {
@@ -416,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "text_encoder": TEXT_ENCODER,
             "pool_size": len(pool),
             "test_size": len(test),
+            "evaluated_on": "validation (training split, disjoint from the pool)" if args.validation else "test split",
             "ratios": args.ratios,
             "loops": args.loops,
             "cumulative": args.cumulative,

@@ -239,6 +239,22 @@ def test_headroom_validation_split_is_stratified_disjoint_and_seeded():
     assert np.bincount(small[held]).tolist() == [25, 2, 1] and np.bincount(small[pool]).tolist() == [275, 22, 10]
 
 
+
+def test_quality_validation_set_is_disjoint_from_the_pool_and_stratified():
+    """quality.py --validation evaluates on training images the pool never holds, 10 per class for 100."""
+    quality = _load_bench("quality.py")
+    from vecaf.data import load_dataset
+
+    pool = load_dataset("fashion-mnist", split="train", limit=200, seed=0)
+    held = quality.validation_set(pool, 100)
+    assert len(held) == 100 and held.split == "train" and not set(held.ids) & set(pool.ids)
+    assert np.bincount(held.labels, minlength=10).tolist() == [10] * 10
+    # the images are the training split's own: id "fashion-mnist/train/<index>" names the row they came from
+    whole = load_dataset("fashion-mnist", split="train")
+    index = int(held.ids[7].rsplit("/", 1)[1])
+    np.testing.assert_array_equal(held.images[7], whole.images[index])
+    assert held.labels[7] == whole.labels[index]
+
 @pytest.mark.slow
 def test_headroom_quick_run_summary_follows_from_its_runs(tmp_path):
     """--quick end to end (subsets of the splits, 60 batches): every method and ratio summarised, paired diffs
