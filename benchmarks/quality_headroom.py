@@ -104,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="summarise the runs of these partial JSONs (or of quality.py --mode full reports)")
     p.add_argument("--relabel", nargs="+", default=[], metavar="OLD=NEW",
                    help="with --merge: rename methods, e.g. vecaf-ods=vecaf for quality.py's engine-default VeCAF")
+    p.add_argument("--tag", default="", help="appended to the output name, e.g. lr5e-4 -> quality-headroom-full-lr5e-4.json")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--cache", type=Path, default=REPO / ".vecaf" / "cache" / "headroom")
     args = p.parse_args(argv)
@@ -380,6 +381,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        mismatch = protocol_mismatch([part["settings"] for part in parts])
+        if mismatch:
+            raise SystemExit(f"--merge: the parts ran different protocols ({mismatch}); merge each protocol apart")
         runs = unique_runs([normalized_run(r, args.relabel) for part in parts for r in part["runs"]])
         settings = parts[0]["settings"]
         inputs = parts[0].get("inputs", {})
@@ -439,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suffix += "-full" if settings.get("mode") == "full" else ""
     suffix += "-validation" if settings.get("validation") else ""
     suffix += "-cumulative" if settings.get("cumulative") else ""
+    suffix += f"-{args.tag}" if args.tag else ""
     path = args.out / f"quality-headroom{suffix}.json"
     path.write_text(json.dumps(report, indent=1))
     print(table(summary, methods, ratios, targets), file=sys.stderr)
@@ -449,6 +454,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          title=PLOT_TITLE[settings.get("mode", "head")])
     log(f"wrote {figure}")
     return report
+
+
+PROTOCOL_KEYS = ("mode", "dataset", "pvm", "image_size", "pool_size", "test_size", "loops", "cumulative", "validation",
+                 "evaluated_on", "batch_budget", "batch_size", "lr", "optimizer", "freeze_bn")
+
+
+def protocol_mismatch(settings: list[dict[str, Any]]) -> str:
+    """The first protocol setting on which the parts differ, as "key: a vs b" ("" when they agree).
+
+    Seeds, methods and ratios may differ between parts; the learning rate, budget, sizes and loop protocol
+    may not, or the summary would average runs of different protocols.
+    """
+    for key in PROTOCOL_KEYS:
+        values = [json.dumps(s.get(key), sort_keys=True) for s in settings]
+        if len(set(values)) > 1:
+            return f"{key}: {' vs '.join(sorted(set(values)))}"
+    return ""
 
 
 def normalized_run(run: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:

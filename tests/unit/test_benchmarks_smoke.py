@@ -391,3 +391,19 @@ def test_probe_merge_summarises_the_seeds(tmp_path):
     assert cell["cumulative"]["mean"] == pytest.approx(0.82) and cell["select_s"]["per_seed"] == [2.0, 3.0]
     assert report["summary"]["random"]["per_loop"]["mean"] == pytest.approx(0.6)
     assert json.loads((tmp_path / "loss-weighting-probe.json").read_text())["summary"] == report["summary"]
+
+
+def test_headroom_merge_refuses_parts_of_different_protocols(tmp_path):
+    """Runs at lr 5e-4 and 2e-3 must not be averaged into one cell; seeds and methods may differ."""
+    headroom = _load_bench("quality_headroom.py")
+    base = {"mode": "full", "pool_size": 5000, "batch_budget": 300, "optimizer": {"name": "SGD", "lr": 5e-4}}
+    assert headroom.protocol_mismatch([base, {**base, "seeds": [3], "methods": ["random"]}]) == ""
+    other = {**base, "optimizer": {"name": "SGD", "lr": 2e-3}}
+    assert headroom.protocol_mismatch([base, other]).startswith("optimizer: ")
+    paths = []
+    for i, settings in enumerate((base, other)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps({"settings": settings, "seconds": {"total": 1.0},
+                                         "runs": [_quality_run("random", i, 0.5)]}))
+    with pytest.raises(SystemExit, match="different protocols"):
+        headroom.main(["--merge", *map(str, paths), "--out", str(tmp_path)])
