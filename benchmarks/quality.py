@@ -166,21 +166,20 @@ def load_inputs(args: argparse.Namespace, log) -> dict[str, Any]:
         test = load_dataset(DATASET, split="test", limit=s["test"], seed=0)
     timings: dict[str, float] = {}
     features = {}
-    for split, dataset in (("train", pool), ("validation" if args.validation else "test", test)):
+    test_split = "validation" if args.validation else "test"
+    for key, split, dataset in (("train", "train", pool), ("test", test_split, test)):
         path = args.cache / f"{_cache_key(split, len(dataset), s['image_size'])}.npz"
         if path.is_file():
             stored = np.load(path)
             if list(stored["ids"]) == list(dataset.ids):
-                features[split] = stored["features"]
+                features[key] = stored["features"]
                 continue
         t0 = time.perf_counter()
         log(f"embedding {len(dataset)} {split} images at {s['image_size']} px (cached in {path})")
         feats = embed(pvm, dataset, image_size=s["image_size"], batch_size=128, device=args.device, progress=False)
         timings[f"embed_{split}"] = time.perf_counter() - t0
         np.savez(path, features=feats, ids=np.array(dataset.ids), labels=dataset.labels)
-        features[split] = feats
-    if args.validation:
-        features["test"] = features.pop("validation")
+        features[key] = feats
     text = load_text_embeddings(args, pvm, pool, log, timings)
     return {"pvm": pvm, "pool": pool, "test": test, "features": features, "text": text, "timings": timings}
 

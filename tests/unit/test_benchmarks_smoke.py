@@ -239,7 +239,6 @@ def test_headroom_validation_split_is_stratified_disjoint_and_seeded():
     assert np.bincount(small[held]).tolist() == [25, 2, 1] and np.bincount(small[pool]).tolist() == [275, 22, 10]
 
 
-
 def test_quality_validation_set_is_disjoint_from_the_pool_and_stratified():
     """quality.py --validation evaluates on training images the pool never holds, 10 per class for 100."""
     quality = _load_bench("quality.py")
@@ -254,6 +253,7 @@ def test_quality_validation_set_is_disjoint_from_the_pool_and_stratified():
     index = int(held.ids[7].rsplit("/", 1)[1])
     np.testing.assert_array_equal(held.images[7], whole.images[index])
     assert held.labels[7] == whole.labels[index]
+
 
 @pytest.mark.slow
 def test_headroom_quick_run_summary_follows_from_its_runs(tmp_path):
