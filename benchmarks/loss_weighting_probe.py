@@ -17,7 +17,8 @@ Variants (``--variants``, comma-separated): ``random``, ``margin``, ``entropy``,
 was the default before this probe), the loss of the temperature-scaled head (``vcal:<beta>``, T fitted by
 validation-free NLL on the pool rows not trained on), the observed loss capped at log C (``vclip:<beta>``),
 the expected loss under the head's own prediction, sum_c p_ic CE(z_i, c) = H(p_i) (``vent:<beta>``), one minus
-the margin (``vmar:<beta>``), or constant weights (``vuni``). Per variant it also records where the picks lie:
+the margin (``vmar:<beta>``), or constant weights (``vuni``); VeCAF options follow after slashes
+(``vent:0.5/lam=0.5/max_iters=100``; lam, temperature, max_iters, ensemble, lr). Per variant it also records where the picks lie:
 the share misclassified by the head, the mean percentile of their observed loss and of their margin, and the
 class counts; and, per weighting, the share of the selection weight on misclassified samples.
 
@@ -46,6 +47,7 @@ from benchmarks.quality import machine  # noqa: E402
 from benchmarks.quality_headroom import load_features, validation_split  # noqa: E402
 
 RATIO, BATCH_BUDGET, LOOP_BATCHES, LR, BATCH = 0.01, 3000, 1000, 5e-2, 32
+VECAF_OPTIONS = {"lam": float, "temperature": float, "max_iters": int, "ensemble": int, "lr": float}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +59,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=REPO / ".vecaf" / "cache" / "headroom")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     return p.parse_args(argv)
+
+
+def parse_vecaf_variant(variant: str) -> tuple[str, float, dict]:
+    """``name[:beta][/option=value...]`` -> (weights name, beta, VeCAF options), e.g. ``vent:0.5/lam=0.5``."""
+    head, *pairs = variant.split("/")
+    name, _, beta = head.partition(":")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in VECAF_OPTIONS:
+            raise SystemExit(f"bad option {pair!r} in {variant!r}: use key=value with key in {', '.join(VECAF_OPTIONS)}")
+        options[key] = VECAF_OPTIONS[key](value)
+    return name, float(beta or 1.0), options
 
 
 def lr_at(t: int) -> float:
@@ -160,11 +175,11 @@ def probe(args) -> dict:
         elif variant == "activeft":
             picks = select(x.numpy(), k, method="activeft", exclude=loop1, seed=seed)
         else:
-            name, _, beta = variant.partition(":")
+            name, beta, options = parse_vecaf_variant(variant)
             if name not in weights:
                 raise SystemExit(f"unknown variant {variant!r}")
             picks = select(x.numpy(), k, method="vecaf", losses=weights[name], exclude=loop1, seed=seed,
-                           loss_power=float(beta or 1.0))
+                           loss_power=beta, **options)
         row = {"select_s": time.perf_counter() - t0, "misclassified": float(wrong[picks].mean()),
                "loss_percentile": float(loss_rank[picks].mean()), "margin_percentile": float(margin_rank[picks].mean()),
                "class_counts": np.bincount(y[picks].numpy(), minlength=c).tolist()}

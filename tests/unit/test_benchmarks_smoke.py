@@ -407,3 +407,14 @@ def test_headroom_merge_refuses_parts_of_different_protocols(tmp_path):
                                          "runs": [_quality_run("random", i, 0.5)]}))
     with pytest.raises(SystemExit, match="different protocols"):
         headroom.main(["--merge", *map(str, paths), "--out", str(tmp_path)])
+
+
+def test_probe_variant_names_carry_vecaf_options():
+    probe = _load_bench("loss_weighting_probe.py")
+    assert probe.parse_vecaf_variant("vent:0.5") == ("vent", 0.5, {})
+    assert probe.parse_vecaf_variant("vuni") == ("vuni", 1.0, {})
+    assert probe.parse_vecaf_variant("vmar:2/lam=0.25/max_iters=100") == ("vmar", 2.0, {"lam": 0.25, "max_iters": 100})
+    with pytest.raises(SystemExit, match="bad option 'beta=3'"):
+        probe.parse_vecaf_variant("vent:0.5/beta=3")
+    with pytest.raises(SystemExit, match="bad option 'lam'"):
+        probe.parse_vecaf_variant("vent:0.5/lam")
