@@ -18,7 +18,7 @@ was the default before this probe), the loss of the temperature-scaled head (``v
 validation-free NLL on the pool rows not trained on), the observed loss capped at log C (``vclip:<beta>``),
 the expected loss under the head's own prediction, sum_c p_ic CE(z_i, c) = H(p_i) (``vent:<beta>``), one minus
 the margin (``vmar:<beta>``), or constant weights (``vuni``); VeCAF options follow after slashes
-(``vent:0.5/lam=0.5/max_iters=100``; lam, temperature, max_iters, ensemble, lr). Per variant it also records where the picks lie:
+(``vent:0.5/lam=0.5/max_iters=100``; lam, temperature, max_iters, ensemble, lr, match_neighbours). Per variant it also records where the picks lie:
 the share misclassified by the head, the mean percentile of their observed loss and of their margin, and the
 class counts; and, per weighting, the share of the selection weight on misclassified samples.
 
@@ -47,7 +47,8 @@ from benchmarks.quality import machine  # noqa: E402
 from benchmarks.quality_headroom import load_features, validation_split  # noqa: E402
 
 RATIO, BATCH_BUDGET, LOOP_BATCHES, LR, BATCH = 0.01, 3000, 1000, 5e-2, 32
-VECAF_OPTIONS = {"lam": float, "temperature": float, "max_iters": int, "ensemble": int, "lr": float}
+VECAF_OPTIONS = {"lam": float, "temperature": float, "max_iters": int, "ensemble": int, "lr": float,
+                 "match_neighbours": int}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

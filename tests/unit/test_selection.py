@@ -333,6 +333,62 @@ def test_matching_matches_plain_rule_even_with_collisions(candidates):
     assert got.tolist() == _plain_matching(x, theta, exclude)
 
 
+def _plain_scored_matching(x, theta, exclude, scores, m):
+    """The rule by hand: best-cosine order; each centroid takes the highest score among its m nearest
+    untaken samples (the nearer on ties)."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    tn = theta / np.linalg.norm(theta, axis=1, keepdims=True)
+    sims = tn @ xn.T
+    sims[:, exclude] = -np.inf
+    order = sorted(range(len(theta)), key=lambda c: (-sims[c].max(), c))
+    taken = set(exclude)
+    out = [None] * len(theta)
+    for c in order:
+        hood = [i for i in sorted(range(len(x)), key=lambda i: -sims[c, i]) if i not in taken][:m]
+        best = hood[0]
+        for i in hood[1:]:
+            if scores[i] > scores[best]:
+                best = i
+        out[c] = best
+        taken.add(best)
+    return out
+
+
+@pytest.mark.parametrize("m, candidates", [(1, 8), (2, 1), (3, 1), (3, 8), (5, 2), (40, 8)])  # (2, 1): extra passes
+def test_scored_matching_matches_plain_rule_even_with_collisions(m, candidates):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 3))
+    theta = np.repeat(rng.standard_normal((3, 3)), 5, axis=0) + 0.01 * rng.standard_normal((15, 3))
+    exclude = np.array([0, 5, 6])
+    scores = rng.integers(0, 4, size=40).astype(float)  # many ties: the nearer must win them
+    got = matching.match_centroids(
+        torch.tensor(x), torch.tensor(theta), exclude=exclude, candidates=candidates, neighbours=m, scores=scores
+    )
+    assert got.tolist() == _plain_scored_matching(x, theta, exclude, scores, m)
+    assert len(set(got.tolist())) == 15
+
+
+def test_scored_matching_rejects_missing_or_bad_scores():
+    x, theta = torch.randn(10, 3), torch.randn(2, 3)
+    for scores in (None, np.ones(9), np.array([np.nan] + [1.0] * 9)):
+        with pytest.raises(ValueError, match="needs scores"):
+            matching.match_centroids(x, theta, neighbours=2, scores=scores)
+    with pytest.raises(ValueError, match="neighbours must be"):
+        matching.match_centroids(x, theta, neighbours=0)
+
+
+def test_vecaf_match_neighbours_takes_higher_loss_samples_near_the_same_centroids():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 8))
+    losses = rng.random(400)
+    nearest = vecaf.select(x, 20, method="vecaf", losses=losses, seed=0)
+    hood = vecaf.select(x, 20, method="vecaf", losses=losses, seed=0, match_neighbours=10)
+    assert len(set(hood.tolist())) == 20
+    assert losses[hood].mean() > losses[nearest].mean()
+    with pytest.raises(ValueError, match="match_neighbours"):
+        vecaf.select(x, 20, method="vecaf", losses=losses, seed=0, match_neighbours=0)
+
+
 def test_matching_small_blocks_equal_one_block():
     rng = np.random.default_rng(1)
     x = torch.tensor(rng.standard_normal((500, 6)), dtype=torch.float32)

@@ -9,6 +9,11 @@ In bounded memory: one pass over the pool in N-blocks keeps, for every centroid,
 nearest available samples. Centroids then take their first untaken candidate; a centroid whose
 candidates are all taken triggers one more pass (taken samples masked) for itself and the centroids after
 it, so the result is exactly the rule above.
+
+With ``neighbours`` = m > 1 and per-sample ``scores`` (e.g. the loss weights p_i), a centroid takes instead
+the highest-scoring sample among its m nearest available ones at its turn (ties: the nearer); m = 1 is
+the rule above. The pass then keeps at least 2m candidates per centroid, and a centroid with fewer than m
+of them untaken triggers the extra pass.
 """
 
 from __future__ import annotations
@@ -45,15 +50,20 @@ def match_centroids(
     *,
     exclude: np.ndarray | None = None,
     candidates: int = 8,
+    neighbours: int = 1,
+    scores: np.ndarray | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> np.ndarray:
-    """Each centroid takes its nearest available sample (order: best cosine first).
+    """Each centroid takes its nearest available sample (order: best cosine first), or with ``neighbours``
+    = m > 1 the highest-scoring one among its m nearest available samples.
 
     Args:
         embeddings: (N, D) pool embeddings (each block is normalised on the fly).
         centroids: (K, D) centroids.
         exclude: indices no centroid may take.
-        candidates: nearest samples kept per centroid in one pass.
+        candidates: nearest samples kept per centroid in one pass (at least 2 * ``neighbours``).
+        neighbours: m, the neighbourhood a centroid chooses from (default 1: the nearest sample).
+        scores: (N,) finite per-sample scores, needed when ``neighbours`` > 1.
         block_bytes: the size cap of one N-block's similarities to the K centroids plus its normalised rows.
 
     Returns:
@@ -62,6 +72,12 @@ def match_centroids(
     x = embeddings
     theta = normalize_rows(centroids.to(device=x.device, dtype=torch.float32))
     n, k = x.shape[0], theta.shape[0]
+    if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)) or neighbours < 1:
+        raise ValueError(f"neighbours must be an integer >= 1, got {neighbours!r}")
+    if neighbours > 1:
+        scores = None if scores is None else np.asarray(scores, dtype=np.float64)
+        if scores is None or scores.shape != (n,) or not np.isfinite(scores).all():
+            raise ValueError(f"neighbours > 1 needs scores: {n} finite numbers, one per pool sample")
     unavailable = torch.zeros(n, dtype=torch.bool, device=x.device)
     if exclude is not None and len(exclude):
         unavailable[torch.as_tensor(exclude, dtype=torch.long, device=x.device)] = True
@@ -70,29 +86,28 @@ def match_centroids(
         raise ValueError(f"{k} centroids cannot take distinct samples from {available} available ones")
     taken = unavailable.cpu().numpy().copy()
     result = np.full(k, -1, dtype=np.int64)
-    m = max(1, min(int(candidates), available))
+    m = max(1, min(max(int(candidates), 2 * int(neighbours)), available))
+    complete = m == available  # the lists hold every available sample: no extra pass can add one
     vals, idxs = _nearest_available(x, theta, unavailable, m, block_bytes)
     order = np.lexsort((np.arange(k), -vals[0]))
-    vals, idxs = vals[:, order], idxs[:, order]
+    idxs = idxs[:, order]
     pos = 0
     while pos < k:
         stalled = None
-        for j in range(vals.shape[1]):
-            centroid = order[pos + j]
-            for val, idx in zip(vals[:, j], idxs[:, j]):
-                if val == -np.inf:
-                    break
-                if not taken[idx]:
-                    taken[idx] = True
-                    result[centroid] = idx
-                    break
-            if result[centroid] < 0:
+        for j in range(idxs.shape[1]):
+            free = idxs[:, j][~taken[idxs[:, j]]]
+            if free.size < neighbours and not (complete and free.size):
                 stalled = j
                 break
+            hood = free[:neighbours]
+            pick = hood[0] if neighbours == 1 else hood[int(np.argmax(scores[hood]))]
+            taken[pick] = True
+            result[order[pos + j]] = pick
         if stalled is None:
             break
         pos += stalled
         rest = torch.as_tensor(order[pos:], device=x.device)
-        mask = torch.as_tensor(taken, device=x.device)
-        vals, idxs = _nearest_available(x, theta[rest], mask, min(m, n - int(taken.sum())), block_bytes)
+        left = n - int(taken.sum())
+        m, complete = min(m, left), min(m, left) == left
+        _, idxs = _nearest_available(x, theta[rest], torch.as_tensor(taken, device=x.device), m, block_bytes)
     return result

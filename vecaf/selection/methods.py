@@ -11,7 +11,8 @@
   3. theta_1 is the member with the lowest objective; the others are aligned to it and
      theta* = theta_1 - Sigma^{-1}(theta_1 - mu) (``vecaf.selection.ensemble``).
   4. Each centroid of theta* takes its nearest available sample of the original (un-augmented)
-     embeddings (``vecaf.selection.matching``), never one in ``exclude``.
+     embeddings (``vecaf.selection.matching``), never one in ``exclude``; with ``match_neighbours`` = m > 1,
+     the sample of the largest loss weight p_i among its m nearest available ones instead.
 
 ``activeft`` (ActiveFT, Xie et al. 2023): the same optimiser with uniform weights, one member, centroids
 initialised on uniformly drawn samples, no debiasing; the same matching.
@@ -153,6 +154,9 @@ class VeCAF(_ParametricBase):
         block_bytes: size cap of one similarity block (default 256 MiB).
         precision: "auto" (default: bfloat16 assignment products where they are native, float32 elsewhere),
             "bfloat16", or "float32" (the exact computation); see ``vecaf.selection.ods.optimize_ods``.
+        match_neighbours: m, the neighbourhood a centroid takes its sample from: 1 (default) is the
+            nearest available sample (Sec. 3.1); m > 1 takes the one of the largest loss weight p_i among
+            its m nearest available samples (``vecaf.selection.matching``).
     """
 
     requires_losses = True
@@ -166,10 +170,12 @@ class VeCAF(_ParametricBase):
     shrinkage: float | str = "auto"
     align: str = "auto"
     loss_power: float = 0.5
+    match_neighbours: int = 1
 
     def __post_init__(self) -> None:
         self._check()
         _integer("ensemble", self.ensemble, low=1)
+        _integer("match_neighbours", self.match_neighbours, low=1)
         _number("loss_power", self.loss_power, low=0.0, low_open=True)
         _number("eta", self.eta, low=0.0)
         _number("ridge", self.ridge, low=0.0, low_open=True)
@@ -234,7 +240,14 @@ class VeCAF(_ParametricBase):
             result.centroids, reference=reference, shrinkage=self.shrinkage, align=self.align
         )
         del x_model
-        return matching.match_centroids(x, theta_star.to(device), exclude=exclude, block_bytes=self.block_bytes)
+        return matching.match_centroids(
+            x,
+            theta_star.to(device),
+            exclude=exclude,
+            neighbours=int(self.match_neighbours),
+            scores=w.cpu().numpy(),
+            block_bytes=self.block_bytes,
+        )
 
 
 @register_method("activeft")
