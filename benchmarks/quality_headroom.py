@@ -12,7 +12,9 @@ runs ``vecaf.train.finetune(None, pool, test, mode="head", ...)`` exactly as a u
   full-data top-1 is within 1 point of the best full-data cell, take the one with the largest gap
   full-data minus random 1 %/loop (ties: the smaller budget);
 - methods: random, coreset, topk_loss, entropy, margin, activeft, vecaf (``method="vecaf"`` with its
-  defaults, ODS without captions) and full-data FT; ratios 1 % and 2 % per loop; L = 3 loops; the
+  defaults, ODS without captions), ``vecaf-cea`` (on request: the same with the pool's caption embeddings,
+  so CEA in selection, Eq. 8-9, and in the head's forward pass, Eq. 10; the pipeline's default captioner
+  and text encoder, cached beside the features) and full-data FT; ratios 1 % and 2 % per loop; L = 3 loops; the
   engine's default per-loop protocol (each loop trains on its own picks).
 
 Per cell: mean +- s.e. of the final test top-1 over seeds, per-loop top-1, B2A (batches to reach 90 % /
@@ -54,6 +56,7 @@ DATASET = "fashion-mnist"
 PVM_NAME = "efficientnet_lite0"
 IMAGE_SIZE = 64
 METHODS = ["random", "coreset", "topk_loss", "entropy", "margin", "activeft", "vecaf", "full"]
+TEXT_METHODS = {"vecaf-cea": "vecaf"}  # method label -> library method run with the pool's caption embeddings
 REFERENCE = "vecaf"
 # Chosen by --tune on the validation split (results/quality-headroom-tuning.json); see the module docstring.
 PROTOCOL = {"batch_budget": 3000, "batch_size": 32, "lr": 5e-2}
@@ -81,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-lrs", type=float, nargs="+", default=TUNE_GRID["lr"])
     p.add_argument("--tune-merge", type=Path, nargs="+", help="apply the rule to the union of these tuning JSONs")
     p.add_argument("--quick", action="store_true", help="small smoke run on subsets (CI)")
-    p.add_argument("--methods", nargs="+", default=METHODS, help=f"default: {' '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", default=METHODS,
+                   help=f"default: {' '.join(METHODS)}; also {', '.join(TEXT_METHODS)} (with captions)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.02])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--loops", type=int, default=3)
@@ -143,6 +147,27 @@ def load_features(split: str, limit: int | None, cache: Path, log) -> dict[str, 
     return {"features": feats.astype(np.float32), "labels": np.asarray(dataset.labels), "seconds": seconds, "path": str(path)}
 
 
+def load_text(split: str, limit: int | None, cache: Path, log) -> np.ndarray:
+    """Caption embeddings of a split's images (the pipeline's default captioner and text encoder), cached."""
+    from benchmarks.quality import CAPTIONER, TEXT_ENCODER
+    from vecaf.data import load_dataset
+    from vecaf.models import load_captioner, load_pvm, load_text_encoder
+
+    dataset = load_dataset(DATASET, split=split, limit=limit, seed=0)
+    tag = "all" if limit is None else f"n{limit}_seed0"
+    path = cache / f"{DATASET}_{split}_{tag}_{PVM_NAME}_{IMAGE_SIZE}px_{CAPTIONER}_{TEXT_ENCODER}.npz"
+    if path.is_file():
+        stored = np.load(path)
+        if list(stored["ids"]) == list(dataset.ids):
+            return stored["text"]
+    log(f"captioning {len(dataset)} {split} images ({CAPTIONER}) and encoding the captions ({TEXT_ENCODER}) -> {path}")
+    captioner = load_captioner(CAPTIONER, pvm=load_pvm(PVM_NAME), device="cpu", image_size=IMAGE_SIZE)
+    captions = captioner.caption(dataset.images, [dataset.class_names[y] for y in dataset.labels], batch_size=128)
+    text = load_text_encoder(TEXT_ENCODER, device="cpu").encode(captions, batch_size=128)
+    np.savez(path, text=text, ids=np.array(dataset.ids), captions=np.array(captions))
+    return text
+
+
 def validation_split(labels: np.ndarray, per_class: int = VALIDATION_PER_CLASS, seed: int = VALIDATION_SEED):
     """(tuning pool indices, validation indices): ``per_class`` seeded images of every class held out, at most a
     twelfth of the class (500 of Fashion-MNIST's 6,000; 25 of the 300 per class of --quick's 3,000-image pool)."""
@@ -186,10 +211,13 @@ def time_to_accuracy(run: dict[str, Any], target: float) -> float | None:
 def run_one(args, data, *, method: str, ratio: float, seed: int) -> dict[str, Any]:
     from vecaf.train import finetune
 
-    extra = dict(args.vecaf_options or {}) if method == "vecaf" else {}
+    library_method = TEXT_METHODS.get(method, method)
+    extra = dict(args.vecaf_options or {}) if library_method == "vecaf" else {}
+    if method in TEXT_METHODS:
+        extra["text_embeddings"] = data["text"]
     t0 = time.perf_counter()
     result = finetune(
-        None, data["train"], data["test"], mode="head", method=method, ratio=ratio, loops=args.loops,
+        None, data["train"], data["test"], mode="head", method=library_method, ratio=ratio, loops=args.loops,
         batch_budget=args.batch_budget, batch_size=args.batch_size, lr=args.lr, cumulative=args.cumulative,
         eval_every=max(1, args.batch_budget // args.eval_points), seed=seed, device=args.device, return_model=False,
         **extra,
@@ -200,7 +228,7 @@ def run_one(args, data, *, method: str, ratio: float, seed: int) -> dict[str, An
         "ratio": ratio,
         "seed": seed,
         "top1": result.top1,
-        "selection_loss": result.config.get("selection_loss") if method == "vecaf" else None,
+        "selection_loss": result.config.get("selection_loss") if library_method == "vecaf" else None,
         "loop_top1": [r.top1 for r in result.loops],
         "curve": [[p.batches, p.top1, p.loss] for p in result.curve],
         "loops": [
@@ -405,6 +433,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             inputs = {"pool_size": int(train["labels"].size), "test_size": int(test["labels"].size),
                       "embed_seconds": {"train": train["seconds"], "test": test["seconds"]}}
         methods, ratios = args.methods, args.ratios
+        if any(m in TEXT_METHODS for m in methods):
+            text = load_text("train", args.pool_limit, args.cache, log)
+            data["text"] = text[pool_idx] if args.validation else text
         log(f"settings {settings}; pool {inputs['pool_size']}, test {inputs['test_size']}; seeds {args.seeds}")
         runs = []
         for seed in args.seeds:
