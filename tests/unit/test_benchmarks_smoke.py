@@ -289,6 +289,27 @@ def test_headroom_quick_run_summary_follows_from_its_runs(tmp_path):
                     assert 0.0 <= t <= group[0]["seconds"]["wall"]
 
 
+@pytest.mark.slow
+def test_headroom_vecaf_cea_runs_vecaf_with_the_pool_captions(tmp_path):
+    """--methods vecaf-cea: method vecaf given the pool's caption embeddings (captioned once, cached), so its
+    picks differ from plain vecaf's with the same seed."""
+    part = tmp_path / "part.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "quality_headroom.py"), "--quick", "--methods", "vecaf", "vecaf-cea",
+         "--ratios", "0.01", "--partial", str(part), "--cache", str(tmp_path / "cache")],
+        env=_env(), capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {r["method"]: r for r in json.loads(part.read_text())["runs"]}
+    assert set(runs) == {"vecaf", "vecaf-cea"}
+    assert runs["vecaf-cea"]["selection_loss"] == "expected" and 0.0 <= runs["vecaf-cea"]["top1"] <= 1.0
+    assert [len(p) for p in runs["vecaf-cea"]["picks"]] == [30] * 3
+    assert runs["vecaf-cea"]["picks"] != runs["vecaf"]["picks"]
+    (cached,) = (tmp_path / "cache").glob("*_imagenet-labels_all-MiniLM-L6-v2.npz")
+    stored = np.load(cached)
+    assert stored["text"].shape[0] == stored["captions"].shape[0] == 3000 and np.isfinite(stored["text"]).all()
+
+
 # --- selection_profile.py (issue 14: VeCAF's selection at the headroom pool, float32 vs bfloat16) -----------
 
 
