@@ -4,23 +4,31 @@ and the learning rate of a fresh head, on a validation split carved from the tra
     python benchmarks/loop_protocol.py features            # cache the demo's features (about 2 min on a CPU)
     python benchmarks/loop_protocol.py run '[{"lr": 5e-4, "cumulative": true}, {"lr": 0.05}]' --on val
     python benchmarks/loop_protocol.py run '[{"lr": 5e-4, "cumulative": true}]' --on test   # check only
+    python benchmarks/loop_protocol.py run '[{...}, {...}]' --seeds 10 --out results/x.json  # + paired summary
 
 Features are the demo's: Fashion-MNIST (3000-image pool, 1000 test images, seeded stratified subsets),
 EfficientNet-Lite0 at 64 px, captions of the ImageNet-label captioner embedded with MiniLM. ``--on val``
 carves 60 images per class out of the pool (seeded by the run's seed) as the held-out set and selects from
 the remaining 2400; ``--on test`` uses the whole pool and the test split (for a check after the choice,
 never for the choice). Each setting is a dict of ``vecaf.finetune`` keywords over the demo's settings.
+``--out`` also writes the runs with, for every setting after the first, the paired difference of its final-loop
+top-1 minus the first setting's over the seeds (mean and standard error).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 CACHE = Path(".vecaf/cache/loop-protocol.npz")
 DEMO = dict(mode="head", method="vecaf", loops=3, batch_budget=300, batch_size=32, lr=0.05, eta=1.0, lam_bw=0.998,
@@ -67,12 +75,25 @@ def run_one(d: dict, setting: dict, *, on: str, seed: int) -> list[tuple[float, 
     return [(round(r.top1, 3), round(r.test_loss, 2)) for r in result.loops]
 
 
+def paired_final(runs: list[dict]) -> list[dict]:
+    """For each run after the first: its final-loop top-1 minus the first run's, seed by seed (mean, s.e.)."""
+    base = [seed[-1][0] for seed in runs[0]["per_seed"]]
+    out = []
+    for run in runs[1:]:
+        diff = np.array([seed[-1][0] for seed in run["per_seed"]]) - np.array(base)
+        se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+        out.append({"setting": run["setting"], "minus": runs[0]["setting"], "mean": float(diff.mean()), "se": se,
+                    "seeds": int(diff.size), "per_seed": diff.round(4).tolist()})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("features", "run"))
     parser.add_argument("settings", nargs="?", default='[{"lr": 5e-4, "cumulative": true}]')
     parser.add_argument("--on", choices=("val", "test"), default="val")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write the runs and the paired final-loop differences here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "features":
@@ -80,14 +101,23 @@ def main() -> None:
         return
     d = dict(np.load(CACHE))
     seeds = range(args.seeds) if args.on == "val" else [0]
+    rows = []
     for setting in json.loads(args.settings):
         t0 = time.perf_counter()
         runs = [run_one(d, setting, on=args.on, seed=s) for s in seeds]
         top1 = np.array([[a for a, _ in r] for r in runs]).mean(0).round(3).tolist()
         loss = np.array([[b for _, b in r] for r in runs]).mean(0).round(2).tolist()
         monotone = sum(all(x[0] <= y[0] for x, y in zip(r, r[1:])) for r in runs)
-        print(json.dumps({"setting": setting, "on": args.on, "top1": top1, "loss": loss, "monotone": monotone,
-                          "seeds": len(runs), "per_seed": runs, "seconds": round(time.perf_counter() - t0)}))  # fmt: skip
+        rows.append({"setting": setting, "on": args.on, "top1": top1, "loss": loss, "monotone": monotone,
+                     "seeds": len(runs), "per_seed": runs, "seconds": round(time.perf_counter() - t0)})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        from benchmarks.quality import machine
+
+        report = {"benchmark": "loop-protocol", "command": " ".join(sys.argv), "machine": machine(), "runs": rows,
+                  "paired_final_minus_first": paired_final(rows)}  # fmt: skip
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -310,6 +310,18 @@ def test_headroom_vecaf_cea_runs_vecaf_with_the_pool_captions(tmp_path):
     assert stored["text"].shape[0] == stored["captions"].shape[0] == 3000 and np.isfinite(stored["text"]).all()
 
 
+def test_loop_protocol_paired_final_by_hand():
+    """Final-loop top-1 of each setting minus the first's, seed by seed: mean and s.e. worked by hand."""
+    loop_protocol = _load_bench("loop_protocol.py")
+    first = {"setting": {"a": 1}, "per_seed": [[[0.5, 1.0], [0.60, 0.9]], [[0.5, 1.0], [0.70, 0.8]], [[0.4, 1.1], [0.65, 0.9]]]}
+    other = {"setting": {"a": 2}, "per_seed": [[[0.5, 1.0], [0.62, 0.9]], [[0.5, 1.0], [0.66, 0.8]], [[0.4, 1.1], [0.68, 0.9]]]}
+    (row,) = loop_protocol.paired_final([first, other])
+    # differences +0.02, -0.04, +0.03: mean 0.0033..., sample sd sqrt(((0.0167)^2 + (0.0433)^2 + (0.0267)^2) / 2)
+    assert row["mean"] == pytest.approx(0.01 / 3)
+    assert row["se"] == pytest.approx(np.sqrt((0.05**2 + 0.13**2 + 0.08**2) / 9 / 2) / np.sqrt(3))
+    assert row["per_seed"] == [0.02, -0.04, 0.03] and row["seeds"] == 3 and row["minus"] == {"a": 1}
+
+
 # --- selection_profile.py (issue 14: VeCAF's selection at the headroom pool, float32 vs bfloat16) -----------
 
 
