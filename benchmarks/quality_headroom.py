@@ -125,18 +125,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----- inputs ------------------------------------------------------------------------------------------------
 
 
-def load_features(split: str, limit: int | None, cache: Path, log) -> dict[str, Any]:
-    """Features, labels and ids of a split (a seeded stratified subset when ``limit``), cached as .npz."""
+def cached_split(split: str, limit: int | None, cache: Path, what: str):
+    """(the split's dataset, its cache path for ``what``, the stored arrays when their ids still match, else None)."""
     from vecaf.data import load_dataset
 
-    cache.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(DATASET, split=split, limit=limit, seed=0)
     tag = "all" if limit is None else f"n{limit}_seed0"
-    path = cache / f"{DATASET}_{split}_{tag}_{PVM_NAME}_{IMAGE_SIZE}px.npz"
-    if path.is_file():
-        stored = np.load(path)
-        if list(stored["ids"]) == list(dataset.ids):
-            return {"features": stored["features"], "labels": np.asarray(dataset.labels), "seconds": None, "path": str(path)}
+    path = cache / f"{DATASET}_{split}_{tag}_{PVM_NAME}_{IMAGE_SIZE}px{what}.npz"
+    stored = np.load(path) if path.is_file() else None
+    return dataset, path, stored if stored is not None and list(stored["ids"]) == list(dataset.ids) else None
+
+
+def load_features(split: str, limit: int | None, cache: Path, log) -> dict[str, Any]:
+    """Features, labels and ids of a split (a seeded stratified subset when ``limit``), cached as .npz."""
+    cache.mkdir(parents=True, exist_ok=True)
+    dataset, path, stored = cached_split(split, limit, cache, "")
+    if stored is not None:
+        return {"features": stored["features"], "labels": np.asarray(dataset.labels), "seconds": None, "path": str(path)}
     from vecaf.models import embed, load_pvm
 
     log(f"embedding {len(dataset)} {split} images at {IMAGE_SIZE} px -> {path}")
@@ -150,16 +155,11 @@ def load_features(split: str, limit: int | None, cache: Path, log) -> dict[str, 
 def load_text(split: str, limit: int | None, cache: Path, log) -> np.ndarray:
     """Caption embeddings of a split's images (the pipeline's default captioner and text encoder), cached."""
     from benchmarks.quality import CAPTIONER, TEXT_ENCODER
-    from vecaf.data import load_dataset
     from vecaf.models import load_captioner, load_pvm, load_text_encoder
 
-    dataset = load_dataset(DATASET, split=split, limit=limit, seed=0)
-    tag = "all" if limit is None else f"n{limit}_seed0"
-    path = cache / f"{DATASET}_{split}_{tag}_{PVM_NAME}_{IMAGE_SIZE}px_{CAPTIONER}_{TEXT_ENCODER}.npz"
-    if path.is_file():
-        stored = np.load(path)
-        if list(stored["ids"]) == list(dataset.ids):
-            return stored["text"]
+    dataset, path, stored = cached_split(split, limit, cache, f"_{CAPTIONER}_{TEXT_ENCODER}")
+    if stored is not None:
+        return stored["text"]
     log(f"captioning {len(dataset)} {split} images ({CAPTIONER}) and encoding the captions ({TEXT_ENCODER}) -> {path}")
     captioner = load_captioner(CAPTIONER, pvm=load_pvm(PVM_NAME), device="cpu", image_size=IMAGE_SIZE)
     captions = captioner.caption(dataset.images, [dataset.class_names[y] for y in dataset.labels], batch_size=128)

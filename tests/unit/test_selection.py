@@ -309,18 +309,8 @@ def test_coreset_without_exclude_starts_from_seeded_sample():
 
 
 def _plain_matching(x, theta, exclude):
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    tn = theta / np.linalg.norm(theta, axis=1, keepdims=True)
-    sims = tn @ xn.T
-    sims[:, exclude] = -np.inf
-    order = sorted(range(len(theta)), key=lambda c: (-sims[c].max(), c))
-    taken = set(exclude)
-    out = [None] * len(theta)
-    for c in order:
-        ranked = sorted(range(len(x)), key=lambda i: -sims[c, i])
-        out[c] = next(i for i in ranked if i not in taken)
-        taken.add(out[c])
-    return out
+    """The nearest-sample rule: the scored rule with a neighbourhood of one."""
+    return _plain_scored_matching(x, theta, exclude, np.zeros(len(x)), 1)
 
 
 @pytest.mark.parametrize("candidates", [1, 2, 8])
