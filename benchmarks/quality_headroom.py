@@ -488,17 +488,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 PROTOCOL_KEYS = ("mode", "dataset", "pvm", "image_size", "pool_size", "test_size", "loops", "cumulative", "validation",
-                 "evaluated_on", "batch_budget", "batch_size", "lr", "optimizer", "freeze_bn")
+                 "evaluated_on", "batch_budget", "batch_size", "lr", "optimizer", "freeze_bn", "quick")
+# What a part written before a key existed ran: the test split at full size (quality-headroom.json predates both).
+PROTOCOL_DEFAULTS = {"validation": False, "quick": False}
 
 
 def protocol_mismatch(settings: list[dict[str, Any]]) -> str:
     """The first protocol setting on which the parts differ, as "key: a vs b" ("" when they agree).
 
     Seeds, methods and ratios may differ between parts; the learning rate, budget, sizes and loop protocol
-    may not, or the summary would average runs of different protocols.
+    may not, or the summary would average runs of different protocols. A key a part lacks takes its
+    ``PROTOCOL_DEFAULTS`` value (parts written before the key existed).
     """
     for key in PROTOCOL_KEYS:
-        values = [json.dumps(s.get(key), sort_keys=True) for s in settings]
+        values = [json.dumps(s.get(key, PROTOCOL_DEFAULTS.get(key)), sort_keys=True) for s in settings]
         if len(set(values)) > 1:
             return f"{key}: {' vs '.join(sorted(set(values)))}"
     return ""

@@ -442,6 +442,15 @@ def test_headroom_merge_refuses_parts_of_different_protocols(tmp_path):
         headroom.main(["--merge", *map(str, paths), "--out", str(tmp_path)])
 
 
+def test_headroom_merge_reads_a_missing_validation_or_quick_key_as_false():
+    """quality-headroom.json predates the ``validation`` and ``quick`` keys: it ran the test split at full size."""
+    headroom = _load_bench("quality_headroom.py")
+    old = {"mode": "head", "lr": 0.05, "cumulative": False}
+    assert headroom.protocol_mismatch([old, {**old, "validation": False, "quick": False}]) == ""
+    assert headroom.protocol_mismatch([old, {**old, "validation": True}]) == "validation: false vs true"
+    assert headroom.protocol_mismatch([old, {**old, "quick": True}]) == "quick: false vs true"
+
+
 def test_probe_variant_names_carry_vecaf_options():
     probe = _load_bench("loss_weighting_probe.py")
     assert probe.parse_vecaf_variant("vent:0.5") == ("vent", 0.5, {})
