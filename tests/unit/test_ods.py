@@ -309,3 +309,119 @@ def test_bfloat16_incremental_sums_are_the_sums_of_its_own_assignment():
         for i in range(800):
             expected[e, assign_b[i, e]] += float(w[i]) * x[i].double()
     torch.testing.assert_close(sums_b.double(), expected, rtol=1e-4, atol=1e-2)
+
+
+# Fixed centroids (the labelled set held in Eq. 7's assignment, ``covered``).
+
+
+def _loop_objective_with_fixed(x, losses, centroids, fixed, lam, tau):
+    """Eq. 7 where each sample's attraction is its cosine to the nearest of the free and the fixed
+    centroids, the diversity term over the free ones only, by plain loops."""
+    x, cents, fixed, losses = x.tolist(), centroids.tolist(), fixed.tolist(), losses.tolist()
+
+    def cos(a, b):
+        dot = sum(p * q for p, q in zip(a, b))
+        return dot / math.sqrt(sum(p * p for p in a)) / math.sqrt(sum(q * q for q in b))
+
+    z = sum(losses)
+    attraction = sum(li / z * max(cos(xi, c) for c in cents + fixed) for xi, li in zip(x, losses))
+    diversity = 0.0
+    for a, ca in enumerate(cents):
+        diversity += math.log(sum(math.exp(cos(ca, cb) / tau) for b, cb in enumerate(cents) if b != a))
+    return -attraction / tau + lam / len(cents) * diversity
+
+
+def test_covered_similarities_match_a_plain_loop_on_the_rows_scale():
+    x, _, _ = _pool(n=30, d=5)
+    fixed = x[[3, 7]] * torch.tensor([[2.0], [0.5]], dtype=x.dtype)
+    got = ods.covered_similarities(x, fixed, block_bytes=4 * 5 * 7)  # blocks of 1 row
+    for i in range(30):
+        want = max(float(x[i] @ f) / float(f.norm()) for f in fixed)  # ||x_i|| cos(x_i, f)
+        assert float(got[i]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert float(got[3]) == pytest.approx(float(x[3].norm()), rel=1e-5)
+    for bad in (x[:0], x[:, :3]):
+        with pytest.raises(ValueError, match="fixed centroids"):
+            ods.covered_similarities(x, bad)
+    with pytest.raises(ValueError, match="all zeros"):
+        ods.covered_similarities(x, torch.zeros(1, 5, dtype=x.dtype))
+
+
+def test_objective_with_fixed_centroids_matches_plain_loop():
+    x, losses, centroids = _pool(n=80, d=5, k=4, seed=3)
+    fixed = x[[0, 10, 20]] + 0.1
+    value = ods.ods_objective(x, centroids, losses=losses, lam=0.6, temperature=0.3, fixed=fixed)
+    want = _loop_objective_with_fixed(x, losses, centroids, fixed, 0.6, 0.3)
+    assert value == pytest.approx(want, rel=1e-5, abs=1e-5)
+    # the fixed centroids take part: the value differs from the free centroids' alone
+    assert abs(want - _loop_objective(x, losses, centroids, 0.6, 0.3)) > 1e-3
+
+
+def test_hand_gradient_with_fixed_centroids_matches_finite_differences():
+    x, losses, _ = _pool(n=50, d=4, k=3, seed=6)
+    xu = ods.normalize_rows(x)
+    covered = ods.covered_similarities(xu, x[[1, 2, 5, 8]])
+    g = torch.Generator().manual_seed(4)
+    params = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    w = losses / losses.mean()
+    value, grad = ods.ods_value_and_grad(xu, w, params, lam=0.9, temperature=0.4, covered=covered)
+    for e in range(2):
+        want = _loop_objective_with_fixed(x, losses, params[e], x[[1, 2, 5, 8]], 0.9, 0.4)
+        assert float(value[e]) == pytest.approx(want, rel=1e-8)
+    h = 1e-6
+    numeric = torch.zeros_like(params)
+    for idx in np.ndindex(*params.shape):
+        plus, minus = params.clone(), params.clone()
+        plus[idx] += h
+        minus[idx] -= h
+        f_plus, _ = ods.ods_value_and_grad(xu, w, plus, lam=0.9, temperature=0.4, covered=covered)
+        f_minus, _ = ods.ods_value_and_grad(xu, w, minus, lam=0.9, temperature=0.4, covered=covered)
+        numeric[idx] = (f_plus - f_minus).sum() / (2 * h)  # members are independent
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("screened", [False, True])
+def test_incremental_refresh_with_fixed_centroids_equals_full(screened):
+    g = torch.Generator().manual_seed(2)
+    x = ods.normalize_rows(torch.randn(400, 6, generator=g))
+    w = torch.rand(400, generator=g) * 2
+    covered = ods.covered_similarities(x, x[:25])
+    theta_a = ods.normalize_rows(torch.randn(2, 7, 6, generator=g))
+    theta_b = ods.normalize_rows(theta_a + 0.3 * torch.randn(2, 7, 6, generator=g))
+    assign_a, sums_a, _, _ = ods._refresh(x, w, theta_a, rows=400, screened=screened, covered=covered)
+    assign_b, sums_b, _, moved = ods._refresh(
+        x, w, theta_b, rows=23, previous=(assign_a, sums_a.clone()), screened=screened, covered=covered
+    )
+    # the reference: plain float32 loops over samples and members, sink row K for the covered samples
+    sims = torch.einsum("nd,ekd->nek", x, theta_b)
+    expected = torch.zeros(2, 8, 6)
+    for e in range(2):
+        for i in range(400):
+            best = int(sims[i, e].argmax())
+            slot = 7 if float(sims[i, e, best]) <= float(covered[i]) else best
+            expected[e, slot] += w[i] * x[i]
+            assert int(assign_b[i, e]) % 7 == best or screened
+            assert (int(assign_b[i, e]) >= 7) == (slot == 7) or screened
+    assert sums_b.shape == (2, 8, 6)
+    assert 0 < int((assign_b >= 7).sum()) < 800  # some samples covered, some not
+    if not screened:
+        torch.testing.assert_close(sums_b, expected, rtol=1e-5, atol=1e-5)
+        assert moved == int((assign_a.clamp(max=7) != assign_b.clamp(max=7)).sum()) > 0
+    full_assign, full_sums, _, _ = ods._refresh(x, w, theta_b, rows=400, screened=screened, covered=covered)
+    torch.testing.assert_close(sums_b, full_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_optimiser_with_fixed_centroids_reports_the_exact_objective_and_leaves_the_covered_cluster():
+    # two tight clusters; one sample of cluster A is fixed, so a single free centroid should model B
+    g = torch.Generator().manual_seed(0)
+    a = torch.tensor([1.0, 0.0, 0.0]) + 0.05 * torch.randn(150, 3, generator=g)
+    b = torch.tensor([0.0, 1.0, 0.0]) + 0.05 * torch.randn(50, 3, generator=g)
+    x = ods.normalize_rows(torch.cat([a, b]))
+    covered = ods.covered_similarities(x, x[:1])
+    init = ods.normalize_rows(x[[5, 160]])[:, None]  # two members of K = 1: one starts in A, one in B
+    free = ods.optimize_ods(x, torch.ones(200), init, refresh=1, tol=0.0, max_iters=200, lr=1e-2)
+    fixed = ods.optimize_ods(x, torch.ones(200), init, refresh=1, tol=0.0, max_iters=200, lr=1e-2, covered=covered)
+    for e in range(2):
+        assert ods.ods_objective(x, fixed.centroids[e], fixed=x[:1]) == pytest.approx(fixed.objective[e], rel=1e-5)
+    # without fixed centroids the heavier cluster A wins (lower objective); with A covered, B does
+    assert float(free.centroids[int(np.argmin(free.objective)), 0] @ torch.tensor([1.0, 0, 0])) > 0.9
+    assert float(fixed.centroids[int(np.argmin(fixed.objective)), 0] @ torch.tensor([0, 1.0, 0])) > 0.9

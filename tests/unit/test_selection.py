@@ -764,3 +764,27 @@ def test_precision_option_runs_both_paths_and_refuses_unknown_values(method):
         assert idx.shape == (10,) and len(set(idx.tolist())) == 10, p
     with pytest.raises(ValueError, match="precision must be one of"):
         vecaf.select(x, 10, method=method, losses=losses, precision="fp16")
+
+
+def test_vecaf_labelled_centroids_leave_the_labelled_cluster_to_the_labelled_set():
+    # cluster 0 is large and already labelled (exclude); with the labelled set as fixed centroids the three
+    # new picks go to the three other clusters, without it one stays in cluster 0 (the heaviest)
+    rng = np.random.default_rng(0)
+    centres = np.eye(6)[:4] * 6.0
+    labels = np.repeat([0, 1, 2, 3], [400, 60, 60, 60])
+    x = centres[labels] + rng.standard_normal((580, 6))
+    exclude = np.arange(0, 400, 40)  # 10 labelled samples spread over cluster 0
+    losses = np.ones(580)
+    options = {"device": "cpu", "max_iters": 300, "lr": 2e-2, "ensemble": 3}  # centroids travel far in 6-d
+    plain = vecaf.select(x, 3, method="vecaf", losses=losses, exclude=exclude, seed=0, **options)
+    fixed = vecaf.select(
+        x, 3, method="vecaf", losses=losses, exclude=exclude, seed=0, labelled_centroids=True, **options
+    )
+    assert not set(fixed.tolist()) & set(exclude.tolist())
+    assert (labels[plain] == 0).sum() >= 1
+    assert sorted(labels[fixed].tolist()) == [1, 2, 3]
+    # without an exclude set the option changes nothing
+    same = vecaf.select(x, 3, method="vecaf", losses=losses, seed=0, labelled_centroids=True, **options)
+    assert np.array_equal(same, vecaf.select(x, 3, method="vecaf", losses=losses, seed=0, **options))
+    with pytest.raises(ValueError, match="labelled_centroids"):
+        vecaf.select(x, 3, method="vecaf", losses=losses, seed=0, labelled_centroids="yes")

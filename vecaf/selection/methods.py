@@ -19,7 +19,8 @@ initialised on uniformly drawn samples, no debiasing; the same matching.
 
 The objective models the whole pool (samples chosen in earlier loops are still part of the training
 distribution, with their current losses); ``exclude`` only removes samples from initialisation and
-matching.
+matching. With ``labelled_centroids=True`` the samples in ``exclude`` are fixed centroids of Eq. 7 instead
+(``vecaf.selection.ods.optimize_ods``'s ``covered``): the pool they already reach leaves the attraction term.
 
 Which losses: ``vecaf.train.finetune`` passes the expected loss under the current model's own prediction,
 sum_c p_ic l(z_i, c) (``vecaf.objectives.expected_losses``), by default, and the observed l(z_i, y_i) of Eq. 3
@@ -103,8 +104,11 @@ class _ParametricBase(SelectionMethod):
         if self.precision not in ods.PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(map(repr, ods.PRECISIONS))}, got {self.precision!r}")
 
-    def _optimize(self, x: torch.Tensor, w: torch.Tensor, init: np.ndarray) -> ods.ODSResult:
-        """Eq. 7 from the samples ``init``; ``w`` carries 1 / ||x_i|| for raw rows (``ods.pool_rows``)."""
+    def _optimize(
+        self, x: torch.Tensor, w: torch.Tensor, init: np.ndarray, covered: torch.Tensor | None = None
+    ) -> ods.ODSResult:
+        """Eq. 7 from the samples ``init``; ``w`` carries 1 / ||x_i|| for raw rows (``ods.pool_rows``);
+        ``covered``: similarities to fixed centroids (``ods.optimize_ods``)."""
         start = x[torch.as_tensor(init, device=x.device)]
         return ods.optimize_ods(
             x,
@@ -118,6 +122,7 @@ class _ParametricBase(SelectionMethod):
             refresh=self.refresh,
             block_bytes=int(self.block_bytes),
             precision=self.precision,
+            covered=covered,
         )
 
 
@@ -157,6 +162,11 @@ class VeCAF(_ParametricBase):
         match_neighbours: m, the neighbourhood a centroid takes its sample from: 1 (default) is the
             nearest available sample (Sec. 3.1); m > 1 takes the one of the largest loss weight p_i among
             its m nearest available samples (``vecaf.selection.matching``).
+        labelled_centroids: hold the samples in ``exclude`` (the earlier loops' picks) as fixed centroids
+            of Eq. 7: a sample nearer to one of them than to every free centroid is covered and leaves
+            the attraction term, so the K new centroids model what the labelled set does not reach
+            (meant for the cumulative protocol, where the earlier picks stay in the training set;
+            default False: the objective models the whole pool, as the paper's).
     """
 
     requires_losses = True
@@ -171,6 +181,7 @@ class VeCAF(_ParametricBase):
     align: str = "auto"
     loss_power: float = 0.5
     match_neighbours: int = 1
+    labelled_centroids: bool = False
 
     def __post_init__(self) -> None:
         self._check()
@@ -179,8 +190,9 @@ class VeCAF(_ParametricBase):
         _number("loss_power", self.loss_power, low=0.0, low_open=True)
         _number("eta", self.eta, low=0.0)
         _number("ridge", self.ridge, low=0.0, low_open=True)
-        if not isinstance(self.text_aligned, bool):
-            raise ValueError(f"text_aligned must be True or False, got {self.text_aligned!r}")
+        for name in ("text_aligned", "labelled_centroids"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.projection is not None and not isinstance(self.projection, cea.TextProjection):
             raise ValueError(f"projection must be a vecaf.cea.TextProjection, got {type(self.projection).__name__}")
         if not (self.shrinkage == "auto" or (isinstance(self.shrinkage, (int, float)) and 0 <= self.shrinkage <= 1)):
@@ -234,7 +246,11 @@ class VeCAF(_ParametricBase):
             )
             x_model.div_(x_model.norm(dim=1, keepdim=True).clamp_min_(1e-12))
             w_model = w
-        result = self._optimize(x_model, w_model, init)
+        covered = None
+        if self.labelled_centroids and len(exclude):
+            fixed = x_model[torch.as_tensor(np.asarray(exclude, dtype=np.int64), device=x_model.device)]
+            covered = ods.covered_similarities(x_model, fixed, block_bytes=self.block_bytes)
+        result = self._optimize(x_model, w_model, init, covered)
         reference = int(np.argmin(result.objective))
         theta_star, _ = ensemble.debias(
             result.centroids, reference=reference, shrinkage=self.shrinkage, align=self.align

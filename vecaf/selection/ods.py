@@ -173,6 +173,31 @@ def pool_rows(
     return rows, inverse
 
 
+def covered_similarities(
+    x: torch.Tensor, fixed: torch.Tensor, *, block_bytes: int = DEFAULT_BLOCK_BYTES
+) -> torch.Tensor:
+    """covered_i = max_l <x_i, f_l / ||f_l||>: each row's similarity to its nearest fixed centroid f_l.
+
+    On the scale of the row as given (||x_i|| times the cosine for raw rows, ``pool_rows``), the scale of
+    the nearest-centroid similarities it is compared with in ``_refresh``.
+
+    Raises:
+        ValueError: ``fixed`` is empty, of another width than ``x``, or has an all-zero row.
+    """
+    if fixed.ndim != 2 or fixed.shape[0] == 0 or fixed.shape[1] != x.shape[1]:
+        raise ValueError(f"fixed centroids must be a non-empty (M, {x.shape[1]}) array, got shape {tuple(fixed.shape)}")
+    fixed = fixed.to(device=x.device, dtype=torch.float32)
+    norms = fixed.norm(dim=1, keepdim=True)
+    if not bool((norms > 0).all()):
+        raise ValueError("a fixed centroid is all zeros: its cosine similarity is undefined")
+    unit = fixed / norms
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    step = rows_per_block(unit.shape[0] + x.shape[1], block_bytes)
+    for start in range(0, x.shape[0], step):
+        out[start : start + step] = (x[start : start + step].float() @ unit.T).max(dim=1).values
+    return out
+
+
 def _check_power(power: object) -> float:
     """The exponent beta of the loss weights as a float: finite and > 0 (``ValueError`` otherwise)."""
     if isinstance(power, (bool, np.bool_)) or not isinstance(power, (int, float, np.integer, np.floating)):
@@ -220,6 +245,7 @@ def _refresh(
     previous: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     screened: bool = False,
+    covered: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Exact nearest-centroid assignment of every sample, for every member.
 
@@ -231,19 +257,25 @@ def _refresh(
         previous: the (assign, sums) of the previous refresh; ``sums`` is then updated in place with the
             samples whose centroid changed instead of being summed again from scratch.
         screened: assign by a bfloat16 product, moves checked in float32 (``nearest_centroids``).
+        covered: (N,) or None: each sample's similarity to its nearest fixed centroid, on the scale of
+            its row of ``x`` (``covered_similarities``). A sample whose nearest free centroid is not
+            nearer (similarity <= covered_i) is covered: it goes to the sink slot K and leaves S_k.
 
     Returns:
-        assign: (N, E) index of the nearest centroid of each sample in each member.
-        sums: (E, K, D) S_k = sum_{i: c_i = k} w_i e_i.
-        attraction: (E,) float64 sum_i w_i max_k <x_i, theta_k>.
+        assign: (N, E) index of the nearest centroid of each sample in each member; with ``covered``,
+            K is added where the sample is covered (the nearest free centroid is ``assign % K``).
+        sums: (E, K, D) S_k = sum_{i: c_i = k} w_i e_i; with ``covered`` (E, K + 1, D), row K the sink.
+        attraction: (E,) float64 sum_i w_i max_k <x_i, theta_k> (with ``covered``, the max over the fixed
+            centroids too: sum_i w_i max(max_k <x_i, theta_k>, covered_i)).
         moved: how many of the N*E assignments differ from ``previous`` (N*E without one).
     """
     members, k, d = theta.shape
     flat = theta.reshape(members * k, d)
     n = x.shape[0]
+    slots = k if covered is None else k + 1
     assign = torch.empty((n, members), dtype=torch.long, device=x.device)
     if previous is None:
-        old_assign, sums = None, torch.zeros((members, k, d), dtype=x.dtype, device=x.device)
+        old_assign, sums = None, torch.zeros((members, slots, d), dtype=x.dtype, device=x.device)
     else:
         old_assign, sums = previous
     attraction = torch.zeros(members, dtype=torch.float64, device=x.device)
@@ -253,8 +285,17 @@ def _refresh(
         xb = x[start : start + rows]
         wb = w[start : start + rows]
         old = None if old_assign is None else old_assign[start : start + rows]
-        best, arg = nearest_centroids(xb, flat, members, k, screen=screen, old=old)
-        assign[start : start + rows] = arg
+        if covered is None:
+            best, arg = nearest_centroids(xb, flat, members, k, screen=screen, old=old)
+            assign[start : start + rows] = arg
+        else:
+            free = None if old is None else old.remainder(k)
+            best, nearest = nearest_centroids(xb, flat, members, k, screen=screen, old=free)
+            sink = best <= covered[start : start + rows, None]
+            assign[start : start + rows] = nearest + sink * k
+            best = torch.where(sink, covered[start : start + rows, None], best)
+            arg = nearest.masked_fill(sink, k)
+            old = None if old is None else old.clamp(max=k)
         attraction += (wb[:, None] * best).sum(dim=0, dtype=torch.float64)
         if old_assign is None:
             weighted = wb[:, None] * xb
@@ -331,6 +372,7 @@ def ods_value_and_grad(
     lam: float,
     temperature: float,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    covered: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Eq. 7 and its hand-written gradient w.r.t. the free centroid vectors.
 
@@ -341,16 +383,27 @@ def ods_value_and_grad(
         lam: diversity weight lambda.
         temperature: tau.
         block_bytes: the size cap of one similarity block.
+        covered: (N,) similarities to fixed centroids (``covered_similarities``), or None.
 
     Returns:
         (E,) objective values F(theta) and (E, K, D) dF/dP.
     """
     norms = params.norm(dim=-1, keepdim=True)
     theta = params / norms
-    rows = refresh_rows(theta.shape[0], theta.shape[1], theta.shape[2], block_bytes)
-    _, sums, _, _ = _refresh(x, w, theta, rows)
-    value, grad_theta = _objective_and_theta_grad(theta, sums, x.shape[0], lam, temperature, block_bytes)
+    k = theta.shape[1]
+    rows = refresh_rows(theta.shape[0], k, theta.shape[2], block_bytes)
+    assign, sums, _, _ = _refresh(x, w, theta, rows, covered=covered)
+    value, grad_theta = _objective_and_theta_grad(theta, sums[:, :k], x.shape[0], lam, temperature, block_bytes)
+    value = value - _covered_attraction(w, covered, assign, k) / (x.shape[0] * temperature)
     return value, _through_normalisation(grad_theta, theta, norms)
+
+
+def _covered_attraction(w: torch.Tensor, covered: torch.Tensor | None, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """(E,) float64 sum over the covered samples of w_i covered_i: the fixed centroids' share of the
+    attraction term, constant between refreshes (zero without fixed centroids)."""
+    if covered is None:
+        return torch.zeros(assign.shape[1], dtype=torch.float64, device=w.device)
+    return ((w * covered).double()[:, None] * (assign >= k)).sum(dim=0)
 
 
 def ods_objective(
@@ -361,8 +414,12 @@ def ods_objective(
     lam: float = 1.0,
     temperature: float = 0.07,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    fixed: torch.Tensor | np.ndarray | None = None,
 ) -> np.ndarray | float:
     """Eq. 7 evaluated exactly (nearest-centroid assignment recomputed) for one or several centroid sets.
+
+    With ``fixed`` (M, D) centroids held fixed beside the free ones, each sample's attraction is its
+    similarity to the nearest of all K + M centroids, and the diversity term is the free centroids' own.
 
     Args:
         embeddings: (N, D) embeddings (each row enters as its unit vector; no normalised copy is made).
@@ -371,6 +428,7 @@ def ods_objective(
         lam: diversity weight lambda.
         temperature: tau in both terms.
         block_bytes: the size cap of one similarity block.
+        fixed: (M, D) fixed centroids (normalised here), or None.
 
     Returns:
         F(theta) as a float for (K, D) centroids, or an (E,) array.
@@ -382,8 +440,9 @@ def ods_objective(
         theta = theta[None]
     w = loss_weights(None if losses is None else torch.as_tensor(losses), x.shape[0], x.device)
     w *= x.norm(dim=1).clamp_min_(1e-12).reciprocal_()  # the raw rows enter as unit rows (``pool_rows``)
+    covered = None if fixed is None else covered_similarities(x, torch.as_tensor(fixed), block_bytes=block_bytes)
     rows = refresh_rows(theta.shape[0], theta.shape[1], theta.shape[2], block_bytes)
-    _, _, attraction, _ = _refresh(x, w, theta, rows)
+    _, _, attraction, _ = _refresh(x, w, theta, rows, covered=covered)
     div_value, _ = _diversity(theta, temperature, block_bytes)
     value = (-attraction / (x.shape[0] * temperature) + (lam / theta.shape[1]) * div_value).cpu().numpy()
     return float(value[0]) if single else value
@@ -427,6 +486,7 @@ def optimize_ods(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     precision: str = "float32",
+    covered: torch.Tensor | None = None,
 ) -> ODSResult:
     """Minimise Eq. 7 for E independently initialised members at once (Adam on the free centroids).
 
@@ -450,6 +510,11 @@ def optimize_ods(
             assignment refreshes take the argmax of a bfloat16 product and check every move in float32,
             see ``nearest_centroids``; sums, gradients and objective stay float32), or "auto" ("bfloat16"
             where ``fast_bfloat16``).
+        covered: (N,) each sample's similarity to its nearest fixed centroid (``covered_similarities``),
+            or None. Fixed centroids join the assignment of Eq. 7 (not its diversity term): a sample
+            nearer to one of them than to every free centroid drops out of S_k, so the free centroids
+            model what the fixed ones do not reach. The objective reported is then ``ods_objective``
+            with ``fixed``.
 
     Returns:
         The optimised centroids and the run's record.
@@ -477,10 +542,12 @@ def optimize_ods(
         theta = params / norms
         if step == next_refresh:
             previous = None if assign is None else (assign, sums)
-            assign, sums, _, moved_count = _refresh(x, w, theta, rows, previous, screened=screened)
+            assign, sums, _, moved_count = _refresh(x, w, theta, rows, previous, screened=screened, covered=covered)
             refreshes += 1
             moved = moved_count / assign.numel()
-            value, grad_theta = _objective_and_theta_grad(theta, sums, n, lam, temperature, block_bytes)
+            fixed_share = _covered_attraction(w, covered, assign, k) / (n * temperature)
+            value, grad_theta = _objective_and_theta_grad(theta, sums[:, :k], n, lam, temperature, block_bytes)
+            value = value - fixed_share
             exact = float(value.mean())
             history.append((step, exact, moved))
             if last is not None and tol > 0:
@@ -497,7 +564,8 @@ def optimize_ods(
                     interval = min(2 * interval, MAX_REFRESH_INTERVAL)
             next_refresh = step + interval
         else:
-            value, grad_theta = _objective_and_theta_grad(theta, sums, n, lam, temperature, block_bytes)
+            value, grad_theta = _objective_and_theta_grad(theta, sums[:, :k], n, lam, temperature, block_bytes)
+            value = value - fixed_share
         grad = _through_normalisation(grad_theta, theta, norms)
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -508,9 +576,10 @@ def optimize_ods(
         final_value = value
     else:
         theta = normalize_rows(params)
-        _, final_sums, _, _ = _refresh(x, w, theta, rows, screened=screened)
+        final_assign, final_sums, _, _ = _refresh(x, w, theta, rows, screened=screened, covered=covered)
         refreshes += 1
-        final_value, _ = _objective_and_theta_grad(theta, final_sums, n, lam, temperature, block_bytes)
+        final_value, _ = _objective_and_theta_grad(theta, final_sums[:, :k], n, lam, temperature, block_bytes)
+        final_value = final_value - _covered_attraction(w, covered, final_assign, k) / (n * temperature)
     return ODSResult(
         centroids=theta,
         objective=final_value.cpu().numpy(),
