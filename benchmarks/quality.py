@@ -75,6 +75,8 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "vecaf-ods": {"method": "vecaf"},
     # Eq. 3 as written (p = L / sum L) instead of the default tempered p ~ L^0.5 (docs/fidelity.md)
     "vecaf-ods-eq3": {"method": "vecaf", "selection_options": {"loss_power": 1.0}},
+    # the earlier loops' picks held as fixed centroids of Eq. 7 (for --cumulative; docs/fidelity.md)
+    "vecaf-ods-lc": {"method": "vecaf", "selection_options": {"labelled_centroids": True}},
     "vecaf": {"method": "vecaf", "text": True},
     "full": {"method": "full"},
     # Table 5: ODS = the loss term of Eq. 7 (off: constant losses); CEA = captions in selection and Eq. 10.
