@@ -260,6 +260,7 @@ def _refresh(
         covered: (N,) or None: each sample's similarity to its nearest fixed centroid, on the scale of
             its row of ``x`` (``covered_similarities``). A sample whose nearest free centroid is not
             nearer (similarity <= covered_i) is covered: it goes to the sink slot K and leaves S_k.
+            With ``screened`` the test reads the screened similarity (within bfloat16's error of it).
 
     Returns:
         assign: (N, E) index of the nearest centroid of each sample in each member; with ``covered``,
