@@ -339,6 +339,11 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
     }
+    from vecaf.selection import ods
+
+    # ODS's precision="auto": bfloat16 assignment refreshes where they are native; the picks (not the
+    # accuracy distribution) then differ from a float32 machine's for the same seed
+    info["selection_precision"] = ods.resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         info["load_average_at_end"] = list(os.getloadavg())
     except OSError:
