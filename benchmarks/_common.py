@@ -79,6 +79,27 @@ def load_average() -> list[float] | None:
         return None
 
 
+def cpu_generation() -> dict[str, Any]:
+    """``/proc/cpuinfo``'s cpu family and model numbers (``family``, ``model_number``) and whether AVX-512 is there: CPUs of one model name
+    (e.g. "AMD EPYC") but another generation run other float kernels, so a float32 run (an SGD head at a
+    large learning rate, an ODS selection) can end elsewhere for the same seed. Empty where unreadable."""
+    info: dict[str, Any] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                name = {"cpu family": "family", "model": "model_number"}.get(key)
+                if name and name not in info:
+                    info[name] = value.strip()
+                elif key == "flags":
+                    info["avx512"] = "avx512f" in value.split()
+                    break
+    except OSError:
+        pass
+    return info
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` reports."""
     try:

@@ -343,6 +343,9 @@ def machine() -> dict[str, Any]:
 
     # ODS's precision="auto": bfloat16 assignment refreshes where they are native; the picks (not the
     # accuracy distribution) then differ from a float32 machine's for the same seed
+    from benchmarks import _common
+
+    info["cpu"] = {"model": _common.cpu_model(), **_common.cpu_generation()}
     info["selection_precision"] = ods.resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         info["load_average_at_end"] = list(os.getloadavg())

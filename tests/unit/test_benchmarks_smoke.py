@@ -199,6 +199,18 @@ def test_interleaved_alternates_the_order_and_keeps_the_first_results():
         common.interleaved({}, repeats=1)
 
 
+def test_cpu_generation_reads_family_model_and_avx512_from_cpuinfo():
+    common = _load_bench("_common.py")
+    info = common.cpu_generation()
+    assert set(info) <= {"family", "model_number", "avx512"}
+    if Path("/proc/cpuinfo").exists():
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+        assert info["avx512"] is ("avx512f" in flags)
+        family = next(line for line in text.splitlines() if line.startswith("cpu family"))
+        assert info["family"] == family.split(":", 1)[1].strip()
+
+
 def test_rate_summary_is_n_over_seconds():
     common = _load_bench("_common.py")
     summary = common.rate_summary(100, [2.0, 4.0, 5.0])
