@@ -96,16 +96,20 @@ def test_hand_gradient_matches_finite_differences():
     xu = ods.normalize_rows(x)
     w = losses / losses.mean()
     _, grad = ods.ods_value_and_grad(xu, w, params, lam=1.3, temperature=0.5)
-    h = 1e-6
+    numeric = _central_differences(lambda p: ods.ods_value_and_grad(xu, w, p, lam=1.3, temperature=0.5)[0], params)
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+def _central_differences(objective, params, h=1e-6):
+    """d sum(objective(P)) / dP by central differences, one entry of P at a time (members are independent,
+    so the sum over members differentiates each member's own value)."""
     numeric = torch.zeros_like(params)
     for idx in np.ndindex(*params.shape):
         plus, minus = params.clone(), params.clone()
         plus[idx] += h
         minus[idx] -= h
-        f_plus, _ = ods.ods_value_and_grad(xu, w, plus, lam=1.3, temperature=0.5)
-        f_minus, _ = ods.ods_value_and_grad(xu, w, minus, lam=1.3, temperature=0.5)
-        numeric[idx] = (f_plus - f_minus) / (2 * h)
-    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-7)
+        numeric[idx] = (objective(plus) - objective(minus)).sum() / (2 * h)
+    return numeric
 
 
 def test_diversity_blocks_equal_one_block():
@@ -367,15 +371,9 @@ def test_hand_gradient_with_fixed_centroids_matches_finite_differences():
     for e in range(2):
         want = _loop_objective_with_fixed(x, losses, params[e], x[[1, 2, 5, 8]], 0.9, 0.4)
         assert float(value[e]) == pytest.approx(want, rel=1e-8)
-    h = 1e-6
-    numeric = torch.zeros_like(params)
-    for idx in np.ndindex(*params.shape):
-        plus, minus = params.clone(), params.clone()
-        plus[idx] += h
-        minus[idx] -= h
-        f_plus, _ = ods.ods_value_and_grad(xu, w, plus, lam=0.9, temperature=0.4, covered=covered)
-        f_minus, _ = ods.ods_value_and_grad(xu, w, minus, lam=0.9, temperature=0.4, covered=covered)
-        numeric[idx] = (f_plus - f_minus).sum() / (2 * h)  # members are independent
+    numeric = _central_differences(
+        lambda p: ods.ods_value_and_grad(xu, w, p, lam=0.9, temperature=0.4, covered=covered)[0], params
+    )
     torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-7)
 
 
