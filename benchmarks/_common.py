@@ -112,29 +112,38 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on; call it before the measurements (the load average is "at start").
+def machine_info(*, at: str = "start") -> dict[str, Any]:
+    """What the figures were measured on: call it before the measurements (``at="start"``) or, where the run
+    describes itself once it is over, after them (``at="end"``); ``at`` names the load-average key.
 
     Returns:
-        ``cpu``, ``cpu_count`` (logical CPUs), ``cpus_usable`` (this process's affinity), ``torch``,
-        ``torch_threads``, ``cuda`` (device name or None), ``python``, ``platform``, ``load_average_at_start``.
+        ``cpu`` (model name), ``cpu_generation`` (:func:`cpu_generation`), ``cpu_count`` (logical CPUs),
+        ``cpus_usable`` (this process's affinity), ``torch``, ``torch_threads``, ``cuda`` (device name or None),
+        ``selection_precision`` (what ODS's ``precision="auto"`` resolves to here: bfloat16 refreshes where they
+        are native, so the same seed's picks differ from a float32 machine's), ``python``, ``platform``,
+        ``load_average_at_<at>``.
     """
     import torch
+
+    from vecaf.selection import ods
 
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
+    cuda = torch.cuda.is_available()
     return {
         "cpu": cpu_model(),
+        "cpu_generation": cpu_generation(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_device_name(0) if cuda else None,
+        "selection_precision": ods.resolve_precision("auto", "cuda" if cuda else "cpu"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_at_start": load_average(),
+        f"load_average_at_{at}": load_average(),
     }
 
 

@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -328,30 +327,10 @@ def summarize(runs: list[dict[str, Any]], targets: list[float]) -> dict[str, Any
 
 
 def machine() -> dict[str, Any]:
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-    }
-    from vecaf.selection import ods
-
-    # ODS's precision="auto": bfloat16 assignment refreshes where they are native; the picks (not the
-    # accuracy distribution) then differ from a float32 machine's for the same seed
+    """``_common.machine_info`` taken when the run is over (the load average is "at end")."""
     from benchmarks import _common
 
-    info["cpu"] = {"model": _common.cpu_model(), **_common.cpu_generation()}
-    info["selection_precision"] = ods.resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        info["load_average_at_end"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return info
+    return _common.machine_info(at="end")
 
 
 def table(summary: dict[str, Any], methods: list[str], ratios: list[float], targets: list[float]) -> str:

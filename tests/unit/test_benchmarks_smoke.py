@@ -211,6 +211,20 @@ def test_cpu_generation_reads_family_model_and_avx512_from_cpuinfo():
         assert info["family"] == family.split(":", 1)[1].strip()
 
 
+def test_machine_info_names_the_cpu_generation_precision_and_when_the_load_was_read():
+    from vecaf.selection import ods
+
+    common = _load_bench("_common.py")
+    start, end = common.machine_info(), common.machine_info(at="end")
+    assert "load_average_at_start" in start and "load_average_at_end" not in start
+    assert "load_average_at_end" in end and "load_average_at_start" not in end
+    assert start["cpu"] == common.cpu_model() and start["cpu_generation"] == common.cpu_generation()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert start["selection_precision"] == ods.resolve_precision("auto", device) in ("float32", "bfloat16")
+
+
 def test_rate_summary_is_n_over_seconds():
     common = _load_bench("_common.py")
     summary = common.rate_summary(100, [2.0, 4.0, 5.0])
