@@ -76,6 +76,10 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
     "vecaf-ods-eq3": {"method": "vecaf", "selection_options": {"loss_power": 1.0}},
     # the earlier loops' picks held as fixed centroids of Eq. 7 (for --cumulative; docs/fidelity.md)
     "vecaf-ods-lc": {"method": "vecaf", "selection_options": {"labelled_centroids": True}},
+    # ... and also pushed from them in Eq. 7's diversity term (docs/fidelity.md)
+    "vecaf-ods-lcr": {
+        "method": "vecaf", "selection_options": {"labelled_centroids": True, "labelled_repulsion": True},
+    },
     "vecaf": {"method": "vecaf", "text": True},
     "full": {"method": "full"},
     # Table 5: ODS = the loss term of Eq. 7 (off: constant losses); CEA = captions in selection and Eq. 10.

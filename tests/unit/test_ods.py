@@ -318,9 +318,10 @@ def test_bfloat16_incremental_sums_are_the_sums_of_its_own_assignment():
 # Fixed centroids (the labelled set held in Eq. 7's assignment, ``covered``).
 
 
-def _loop_objective_with_fixed(x, losses, centroids, fixed, lam, tau):
-    """Eq. 7 where each sample's attraction is its cosine to the nearest of the free and the fixed
-    centroids, the diversity term over the free ones only, by plain loops."""
+def _loop_objective_with_fixed(x, losses, centroids, fixed, lam, tau, *, cover=True, repel=False):
+    """Eq. 7 where each sample's attraction is its cosine to the nearest of the free and (``cover``) the
+    fixed centroids, and each free centroid's diversity sum runs over the other free ones and (``repel``)
+    the fixed ones, by plain loops."""
     x, cents, fixed, losses = x.tolist(), centroids.tolist(), fixed.tolist(), losses.tolist()
 
     def cos(a, b):
@@ -328,10 +329,13 @@ def _loop_objective_with_fixed(x, losses, centroids, fixed, lam, tau):
         return dot / math.sqrt(sum(p * p for p in a)) / math.sqrt(sum(q * q for q in b))
 
     z = sum(losses)
-    attraction = sum(li / z * max(cos(xi, c) for c in cents + fixed) for xi, li in zip(x, losses))
+    attraction = sum(li / z * max(cos(xi, c) for c in cents + (fixed if cover else [])) for xi, li in zip(x, losses))
     diversity = 0.0
     for a, ca in enumerate(cents):
-        diversity += math.log(sum(math.exp(cos(ca, cb) / tau) for b, cb in enumerate(cents) if b != a))
+        total = sum(math.exp(cos(ca, cb) / tau) for b, cb in enumerate(cents) if b != a)
+        if repel:
+            total += sum(math.exp(cos(ca, f) / tau) for f in fixed)
+        diversity += math.log(total)
     return -attraction / tau + lam / len(cents) * diversity
 
 
@@ -423,3 +427,75 @@ def test_optimiser_with_fixed_centroids_reports_the_exact_objective_and_leaves_t
     # without fixed centroids the heavier cluster A wins (lower objective); with A covered, B does
     assert float(free.centroids[int(np.argmin(free.objective)), 0] @ torch.tensor([1.0, 0, 0])) > 0.9
     assert float(fixed.centroids[int(np.argmin(fixed.objective)), 0] @ torch.tensor([0, 1.0, 0])) > 0.9
+
+
+# Fixed centroids in the diversity term (``repel``): the free centroids are pushed from the labelled set.
+
+
+@pytest.mark.parametrize("cover", [False, True])
+def test_objective_and_hand_gradient_with_repelling_fixed_centroids_match_plain_loop_and_differences(cover):
+    x, losses, _ = _pool(n=50, d=4, k=3, seed=7)
+    fixed = x[[2, 9, 30]] * 1.5
+    xu = ods.normalize_rows(x)
+    repel = ods.normalize_rows(fixed)  # unit rows in float64 (``unit_fixed_centroids`` gives float32)
+    covered = ods.covered_similarities(xu, fixed).double() if cover else None
+    g = torch.Generator().manual_seed(5)
+    params = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    w = losses / losses.mean()
+    value, grad = ods.ods_value_and_grad(xu, w, params, lam=0.8, temperature=0.3, covered=covered, repel=repel)
+    for e in range(2):
+        want = _loop_objective_with_fixed(x, losses, params[e], fixed, 0.8, 0.3, cover=cover, repel=True)
+        assert float(value[e]) == pytest.approx(want, rel=1e-6)  # covered_similarities is float32
+        assert abs(want - _loop_objective_with_fixed(x, losses, params[e], fixed, 0.8, 0.3, cover=cover)) > 1e-3
+    numeric = _central_differences(
+        lambda p: ods.ods_value_and_grad(xu, w, p, lam=0.8, temperature=0.3, covered=covered, repel=repel)[0], params
+    )
+    torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-7)
+    if cover:
+        got = ods.ods_objective(x, params, losses=losses, lam=0.8, temperature=0.3, fixed=fixed, repel=True)
+        np.testing.assert_allclose(got, value.numpy(), rtol=1e-5)
+
+
+def test_repelling_diversity_in_blocks_equals_one_block_and_covers_a_single_centroid():
+    g = torch.Generator().manual_seed(1)
+    theta = ods.normalize_rows(torch.randn(3, 40, 8, generator=g))
+    repel = ods.normalize_rows(torch.randn(25, 8, generator=g))
+    value, grad = ods._diversity(theta, 0.07, ods.DEFAULT_BLOCK_BYTES, repel)
+    value_b, grad_b = ods._diversity(theta, 0.07, 3 * 65 * 4 * 2 * 6, repel)  # blocks of 6 rows
+    torch.testing.assert_close(value, value_b)
+    torch.testing.assert_close(grad, grad_b, rtol=1e-5, atol=1e-5)
+    # K = 1: the diversity term is the fixed centroids' alone, log sum_l exp(<theta, f_l> / tau)
+    one, one_grad = ods._diversity(theta[:, :1], 0.5, ods.DEFAULT_BLOCK_BYTES, repel)
+    logits = theta[:, 0] @ repel.T / 0.5
+    torch.testing.assert_close(one, torch.logsumexp(logits, dim=1).double())
+    torch.testing.assert_close(one_grad[:, 0], torch.softmax(logits, dim=1) @ repel / 0.5)
+
+
+def test_repel_without_fixed_centroids_is_an_error():
+    x, losses, centroids = _pool()
+    with pytest.raises(ValueError, match="fixed centroids"):
+        ods.ods_objective(x, centroids, losses=losses, repel=True)
+
+
+def test_optimiser_with_repelling_fixed_centroids_leaves_the_labelled_cluster():
+    # cluster A (direction a) holds 3/4 of the weight and three labelled samples. With K = 1 every sample is
+    # the centroid's, so by hand F ~ -(0.75 <theta, a> + 0.25 <theta, b>) / tau without the push and
+    # F ~ (0.25 <theta, a> - 0.25 <theta, b>) / tau with it (log sum_l exp(<theta, f_l>/tau) ~ <theta, a>/tau):
+    # the optimum moves from near a to (b - a) / sqrt(2)
+    g = torch.Generator().manual_seed(0)
+    a = torch.tensor([1.0, 0.0, 0.0]) + 0.05 * torch.randn(150, 3, generator=g)
+    b = torch.tensor([0.0, 1.0, 0.0]) + 0.05 * torch.randn(50, 3, generator=g)
+    x = ods.normalize_rows(torch.cat([a, b]))
+    repel = ods.unit_fixed_centroids(x[:3], 3, "cpu")
+    init = ods.normalize_rows(x[[5, 160]])[:, None]
+    options = dict(refresh=1, tol=0.0, max_iters=200, lr=1e-2)
+    free = ods.optimize_ods(x, torch.ones(200), init, **options)
+    pushed = ods.optimize_ods(x, torch.ones(200), init, repel=repel, **options)
+    for e in range(2):
+        want = ods.ods_objective(x, pushed.centroids[e], fixed=x[:3], repel=True) - ods.ods_objective(
+            x, pushed.centroids[e], fixed=x[:3]
+        ) + ods.ods_objective(x, pushed.centroids[e])
+        assert float(pushed.objective[e]) == pytest.approx(want, rel=1e-5)
+    assert float(free.centroids[int(np.argmin(free.objective)), 0] @ torch.tensor([1.0, 0, 0])) > 0.9
+    away = torch.tensor([-1.0, 1.0, 0.0]) / math.sqrt(2)
+    assert float(pushed.centroids[int(np.argmin(pushed.objective)), 0] @ away) > 0.99

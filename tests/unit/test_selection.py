@@ -788,3 +788,27 @@ def test_vecaf_labelled_centroids_leave_the_labelled_cluster_to_the_labelled_set
     assert np.array_equal(same, vecaf.select(x, 3, method="vecaf", losses=losses, seed=0, **options))
     with pytest.raises(ValueError, match="labelled_centroids"):
         vecaf.select(x, 3, method="vecaf", losses=losses, seed=0, labelled_centroids="yes")
+
+
+def test_vecaf_labelled_repulsion_pushes_the_new_centroids_from_the_labelled_cluster():
+    # the data of the test above. A centroid moved from cluster 0 to an empty cluster loses about
+    # (400 - 60) / 580 / tau = 0.59 / tau of attraction and, pushed from cluster 0's ten labelled samples,
+    # saves (lam / K) / tau of diversity: with lam = 3 (1 / tau) the three picks go to clusters 1-3
+    # (with the default lam = 1, 0.33 / tau, one stays in cluster 0)
+    rng = np.random.default_rng(0)
+    centres = np.eye(6)[:4] * 6.0
+    labels = np.repeat([0, 1, 2, 3], [400, 60, 60, 60])
+    x = centres[labels] + rng.standard_normal((580, 6))
+    exclude = np.arange(0, 400, 40)
+    losses = np.ones(580)
+    options = {"device": "cpu", "max_iters": 300, "lr": 2e-2, "ensemble": 3, "lam": 3.0}
+    plain = vecaf.select(x, 3, method="vecaf", losses=losses, exclude=exclude, seed=0, **options)
+    pushed = vecaf.select(
+        x, 3, method="vecaf", losses=losses, exclude=exclude, seed=0, labelled_repulsion=True, **options
+    )
+    assert (labels[plain] == 0).sum() >= 1
+    assert sorted(labels[pushed].tolist()) == [1, 2, 3]
+    same = vecaf.select(x, 3, method="vecaf", losses=losses, seed=0, labelled_repulsion=True, **options)
+    assert np.array_equal(same, vecaf.select(x, 3, method="vecaf", losses=losses, seed=0, **options))
+    with pytest.raises(ValueError, match="labelled_repulsion"):
+        vecaf.select(x, 3, method="vecaf", losses=losses, seed=0, labelled_repulsion=1)

@@ -21,6 +21,7 @@ The objective models the whole pool (samples chosen in earlier loops are still p
 distribution, with their current losses); ``exclude`` only removes samples from initialisation and
 matching. With ``labelled_centroids=True`` the samples in ``exclude`` are fixed centroids of Eq. 7 instead
 (``vecaf.selection.ods.optimize_ods``'s ``covered``): the pool they already reach leaves the attraction term.
+With ``labelled_repulsion=True`` they also enter the diversity term, pushing the new centroids away from them.
 
 Which losses: ``vecaf.train.finetune`` passes the expected loss under the current model's own prediction,
 sum_c p_ic l(z_i, c) (``vecaf.objectives.expected_losses``), by default, and the observed l(z_i, y_i) of Eq. 3
@@ -105,10 +106,15 @@ class _ParametricBase(SelectionMethod):
             raise ValueError(f"precision must be one of {', '.join(map(repr, ods.PRECISIONS))}, got {self.precision!r}")
 
     def _optimize(
-        self, x: torch.Tensor, w: torch.Tensor, init: np.ndarray, covered: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        init: np.ndarray,
+        covered: torch.Tensor | None = None,
+        repel: torch.Tensor | None = None,
     ) -> ods.ODSResult:
         """Eq. 7 from the samples ``init``; ``w`` carries 1 / ||x_i|| for raw rows (``ods.pool_rows``);
-        ``covered``: similarities to fixed centroids (``ods.optimize_ods``)."""
+        ``covered``, ``repel``: fixed centroids in the assignment and the diversity term (``ods.optimize_ods``)."""
         start = x[torch.as_tensor(init, device=x.device)]
         return ods.optimize_ods(
             x,
@@ -123,6 +129,7 @@ class _ParametricBase(SelectionMethod):
             block_bytes=int(self.block_bytes),
             precision=self.precision,
             covered=covered,
+            repel=repel,
         )
 
 
@@ -167,6 +174,9 @@ class VeCAF(_ParametricBase):
             the attraction term, so the K new centroids model what the labelled set does not reach
             (meant for the cumulative protocol, where the earlier picks stay in the training set;
             default False: the objective models the whole pool, as the paper's).
+        labelled_repulsion: the samples in ``exclude`` also enter the diversity term of Eq. 7 as fixed
+            centroids, so the free centroids are pushed from the labelled set as from each other
+            (``ods._diversity``'s ``repel``; default False: the diversity term runs over the free ones).
     """
 
     requires_losses = True
@@ -182,6 +192,7 @@ class VeCAF(_ParametricBase):
     loss_power: float = 0.5
     match_neighbours: int = 1
     labelled_centroids: bool = False
+    labelled_repulsion: bool = False
 
     def __post_init__(self) -> None:
         self._check()
@@ -190,7 +201,7 @@ class VeCAF(_ParametricBase):
         _number("loss_power", self.loss_power, low=0.0, low_open=True)
         _number("eta", self.eta, low=0.0)
         _number("ridge", self.ridge, low=0.0, low_open=True)
-        for name in ("text_aligned", "labelled_centroids"):
+        for name in ("text_aligned", "labelled_centroids", "labelled_repulsion"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.projection is not None and not isinstance(self.projection, cea.TextProjection):
@@ -246,11 +257,14 @@ class VeCAF(_ParametricBase):
             )
             x_model.div_(x_model.norm(dim=1, keepdim=True).clamp_min_(1e-12))
             w_model = w
-        covered = None
-        if self.labelled_centroids and len(exclude):
+        covered = repel = None
+        if len(exclude) and (self.labelled_centroids or self.labelled_repulsion):
             fixed = x_model[torch.as_tensor(np.asarray(exclude, dtype=np.int64), device=x_model.device)]
-            covered = ods.covered_similarities(x_model, fixed, block_bytes=self.block_bytes)
-        result = self._optimize(x_model, w_model, init, covered)
+            if self.labelled_centroids:
+                covered = ods.covered_similarities(x_model, fixed, block_bytes=self.block_bytes)
+            if self.labelled_repulsion:
+                repel = ods.unit_fixed_centroids(fixed, x_model.shape[1], x_model.device)
+        result = self._optimize(x_model, w_model, init, covered, repel)
         reference = int(np.argmin(result.objective))
         theta_star, _ = ensemble.debias(
             result.centroids, reference=reference, shrinkage=self.shrinkage, align=self.align

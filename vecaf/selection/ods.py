@@ -173,6 +173,21 @@ def pool_rows(
     return rows, inverse
 
 
+def unit_fixed_centroids(fixed: torch.Tensor, width: int, device: torch.device | str) -> torch.Tensor:
+    """f_l / ||f_l|| as float32 on ``device``, after checking the fixed centroids' shape.
+
+    Raises:
+        ValueError: ``fixed`` is empty, not (M, ``width``), or has an all-zero row.
+    """
+    if fixed.ndim != 2 or fixed.shape[0] == 0 or fixed.shape[1] != width:
+        raise ValueError(f"fixed centroids must be a non-empty (M, {width}) array, got shape {tuple(fixed.shape)}")
+    fixed = fixed.to(device=device, dtype=torch.float32)
+    norms = fixed.norm(dim=1, keepdim=True)
+    if not bool((norms > 0).all()):
+        raise ValueError("a fixed centroid is all zeros: its cosine similarity is undefined")
+    return fixed / norms
+
+
 def covered_similarities(
     x: torch.Tensor, fixed: torch.Tensor, *, block_bytes: int = DEFAULT_BLOCK_BYTES
 ) -> torch.Tensor:
@@ -184,13 +199,7 @@ def covered_similarities(
     Raises:
         ValueError: ``fixed`` is empty, of another width than ``x``, or has an all-zero row.
     """
-    if fixed.ndim != 2 or fixed.shape[0] == 0 or fixed.shape[1] != x.shape[1]:
-        raise ValueError(f"fixed centroids must be a non-empty (M, {x.shape[1]}) array, got shape {tuple(fixed.shape)}")
-    fixed = fixed.to(device=x.device, dtype=torch.float32)
-    norms = fixed.norm(dim=1, keepdim=True)
-    if not bool((norms > 0).all()):
-        raise ValueError("a fixed centroid is all zeros: its cosine similarity is undefined")
-    unit = fixed / norms
+    unit = unit_fixed_centroids(fixed, x.shape[1], x.device)
     out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     step = rows_per_block(unit.shape[0] + x.shape[1], block_bytes)
     for start in range(0, x.shape[0], step):
@@ -319,41 +328,60 @@ def _refresh(
     return assign, sums, attraction, moved
 
 
-def _diversity(theta: torch.Tensor, temperature: float, block_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _diversity(
+    theta: torch.Tensor, temperature: float, block_bytes: int, repel: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """R(theta) = sum_k log sum_{j != k} exp(<theta_k, theta_j>/tau) per member (Eq. 6 without the sign), and dR/dtheta.
+
+    With ``repel`` (M unit fixed centroids f_l) each free centroid's sum also runs over the fixed ones,
+    R = sum_k log(sum_{j != k} exp(<theta_k, theta_j>/tau) + sum_l exp(<theta_k, f_l>/tau)), so the free
+    centroids are pushed from the fixed ones as from each other (the fixed ones have no term of their own).
 
     Returns:
         value: (E,) float64.
-        grad: (E, K, D) = (A + A^T) theta / tau, A the zero-diagonal row softmax.
+        grad: (E, K, D) = ((A + A^T) theta + B f) / tau, [A B] the row softmax over the K free (zero
+            diagonal) and M fixed columns.
     """
     members, k, _ = theta.shape
     grad = torch.zeros_like(theta)
     value = torch.zeros(members, dtype=torch.float64, device=theta.device)
-    if k == 1:
+    if k == 1 and repel is None:
         return value, grad
-    rows = rows_per_block(members * k, block_bytes // 2)
+    columns = k if repel is None else k + repel.shape[0]
+    rows = rows_per_block(members * columns, block_bytes // 2)
     theta_t = theta.transpose(1, 2)
     for start in range(0, k, rows):
         block = theta[:, start : start + rows]
-        logits = torch.bmm(block, theta_t).div_(temperature)
-        logits.diagonal(offset=start, dim1=1, dim2=2).fill_(-math.inf)
+        logits = torch.bmm(block, theta_t)
+        if repel is not None:
+            logits = torch.cat([logits, block @ repel.T], dim=2)
+        logits.div_(temperature).diagonal(offset=start, dim1=1, dim2=2).fill_(-math.inf)
         lse = torch.logsumexp(logits, dim=2)
         value += lse.sum(dim=1, dtype=torch.float64)
         attn = logits.sub_(lse[:, :, None]).exp_()
+        free = attn[:, :, :k]
         if rows >= k:
-            grad += torch.bmm(attn + attn.transpose(1, 2), theta)
+            grad += torch.bmm(free + free.transpose(1, 2), theta)
         else:
-            grad[:, start : start + rows] += torch.bmm(attn, theta)
-            grad += torch.bmm(attn.transpose(1, 2), block)
+            grad[:, start : start + rows] += torch.bmm(free, theta)
+            grad += torch.bmm(free.transpose(1, 2), block)
+        if repel is not None:
+            grad[:, start : start + rows] += attn[:, :, k:] @ repel
     return value, grad.div_(temperature)
 
 
 def _objective_and_theta_grad(
-    theta: torch.Tensor, sums: torch.Tensor, n: int, lam: float, temperature: float, block_bytes: int
+    theta: torch.Tensor,
+    sums: torch.Tensor,
+    n: int,
+    lam: float,
+    temperature: float,
+    block_bytes: int,
+    repel: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 7 (stale assignments summarised by ``sums``) per member and its gradient w.r.t. unit theta."""
     k = theta.shape[1]
-    div_value, div_grad = _diversity(theta, temperature, block_bytes)
+    div_value, div_grad = _diversity(theta, temperature, block_bytes, repel)
     attraction = (sums * theta).sum(dim=(1, 2), dtype=torch.float64)
     value = -attraction / (n * temperature) + (lam / k) * div_value
     grad = sums.mul(-1.0 / (n * temperature)).add_(div_grad, alpha=lam / k)
@@ -374,6 +402,7 @@ def ods_value_and_grad(
     temperature: float,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     covered: torch.Tensor | None = None,
+    repel: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact Eq. 7 and its hand-written gradient w.r.t. the free centroid vectors.
 
@@ -385,6 +414,7 @@ def ods_value_and_grad(
         temperature: tau.
         block_bytes: the size cap of one similarity block.
         covered: (N,) similarities to fixed centroids (``covered_similarities``), or None.
+        repel: (M, D) unit fixed centroids in the diversity term (``_diversity``), or None.
 
     Returns:
         (E,) objective values F(theta) and (E, K, D) dF/dP.
@@ -394,7 +424,9 @@ def ods_value_and_grad(
     k = theta.shape[1]
     rows = refresh_rows(theta.shape[0], k, theta.shape[2], block_bytes)
     assign, sums, _, _ = _refresh(x, w, theta, rows, covered=covered)
-    value, grad_theta = _objective_and_theta_grad(theta, sums[:, :k], x.shape[0], lam, temperature, block_bytes)
+    value, grad_theta = _objective_and_theta_grad(
+        theta, sums[:, :k], x.shape[0], lam, temperature, block_bytes, repel
+    )
     value = value - _covered_attraction(w, covered, assign, k) / (x.shape[0] * temperature)
     return value, _through_normalisation(grad_theta, theta, norms)
 
@@ -416,6 +448,7 @@ def ods_objective(
     temperature: float = 0.07,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     fixed: torch.Tensor | np.ndarray | None = None,
+    repel: bool = False,
 ) -> np.ndarray | float:
     """Eq. 7 evaluated exactly (nearest-centroid assignment recomputed) for one or several centroid sets.
 
@@ -430,9 +463,13 @@ def ods_objective(
         temperature: tau in both terms.
         block_bytes: the size cap of one similarity block.
         fixed: (M, D) fixed centroids (normalised here), or None.
+        repel: the fixed centroids also enter the diversity term (``_diversity``'s ``repel``).
 
     Returns:
         F(theta) as a float for (K, D) centroids, or an (E,) array.
+
+    Raises:
+        ValueError: ``repel`` without ``fixed``.
     """
     x = torch.as_tensor(embeddings, dtype=torch.float32)
     theta = normalize_rows(torch.as_tensor(centroids, dtype=torch.float32))
@@ -441,10 +478,13 @@ def ods_objective(
         theta = theta[None]
     w = loss_weights(None if losses is None else torch.as_tensor(losses), x.shape[0], x.device)
     w *= x.norm(dim=1).clamp_min_(1e-12).reciprocal_()  # the raw rows enter as unit rows (``pool_rows``)
+    if repel and fixed is None:
+        raise ValueError("repel=True needs the fixed centroids")
     covered = None if fixed is None else covered_similarities(x, torch.as_tensor(fixed), block_bytes=block_bytes)
     rows = refresh_rows(theta.shape[0], theta.shape[1], theta.shape[2], block_bytes)
     _, _, attraction, _ = _refresh(x, w, theta, rows, covered=covered)
-    div_value, _ = _diversity(theta, temperature, block_bytes)
+    unit = unit_fixed_centroids(torch.as_tensor(fixed), x.shape[1], x.device) if repel else None
+    div_value, _ = _diversity(theta, temperature, block_bytes, unit)
     value = (-attraction / (x.shape[0] * temperature) + (lam / theta.shape[1]) * div_value).cpu().numpy()
     return float(value[0]) if single else value
 
@@ -488,6 +528,7 @@ def optimize_ods(
     eps: float = 1e-8,
     precision: str = "float32",
     covered: torch.Tensor | None = None,
+    repel: torch.Tensor | None = None,
 ) -> ODSResult:
     """Minimise Eq. 7 for E independently initialised members at once (Adam on the free centroids).
 
@@ -512,10 +553,12 @@ def optimize_ods(
             see ``nearest_centroids``; sums, gradients and objective stay float32), or "auto" ("bfloat16"
             where ``fast_bfloat16``).
         covered: (N,) each sample's similarity to its nearest fixed centroid (``covered_similarities``),
-            or None. Fixed centroids join the assignment of Eq. 7 (not its diversity term): a sample
+            or None. Fixed centroids join the assignment of Eq. 7 (its diversity term only through ``repel``): a sample
             nearer to one of them than to every free centroid drops out of S_k, so the free centroids
             model what the fixed ones do not reach. The objective reported is then ``ods_objective``
             with ``fixed``.
+        repel: (M, D) unit fixed centroids (``unit_fixed_centroids``) that also enter the diversity term,
+            pushing the free centroids away from them (``_diversity``), or None.
 
     Returns:
         The optimised centroids and the run's record.
@@ -547,7 +590,7 @@ def optimize_ods(
             refreshes += 1
             moved = moved_count / assign.numel()
             fixed_share = _covered_attraction(w, covered, assign, k) / (n * temperature)
-            value, grad_theta = _objective_and_theta_grad(theta, sums[:, :k], n, lam, temperature, block_bytes)
+            value, grad_theta = _objective_and_theta_grad(theta, sums[:, :k], n, lam, temperature, block_bytes, repel)
             value = value - fixed_share
             exact = float(value.mean())
             history.append((step, exact, moved))
@@ -565,7 +608,7 @@ def optimize_ods(
                     interval = min(2 * interval, MAX_REFRESH_INTERVAL)
             next_refresh = step + interval
         else:
-            value, grad_theta = _objective_and_theta_grad(theta, sums[:, :k], n, lam, temperature, block_bytes)
+            value, grad_theta = _objective_and_theta_grad(theta, sums[:, :k], n, lam, temperature, block_bytes, repel)
             value = value - fixed_share
         grad = _through_normalisation(grad_theta, theta, norms)
         exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -579,7 +622,9 @@ def optimize_ods(
         theta = normalize_rows(params)
         final_assign, final_sums, _, _ = _refresh(x, w, theta, rows, screened=screened, covered=covered)
         refreshes += 1
-        final_value, _ = _objective_and_theta_grad(theta, final_sums[:, :k], n, lam, temperature, block_bytes)
+        final_value, _ = _objective_and_theta_grad(
+            theta, final_sums[:, :k], n, lam, temperature, block_bytes, repel
+        )
         final_value = final_value - _covered_attraction(w, covered, final_assign, k) / (n * temperature)
     return ODSResult(
         centroids=theta,
