@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     suffix += "-full" if settings.get("mode") == "full" else ""
-    suffix += "-validation" if settings.get("validation") else ""
+    suffix += "-validation" if on_validation(settings) else ""
     suffix += "-cumulative" if settings.get("cumulative") else ""
     suffix += f"-{args.tag}" if args.tag else ""
     path = args.out / f"quality-headroom{suffix}.json"
@@ -491,6 +491,12 @@ PROTOCOL_KEYS = ("mode", "dataset", "pvm", "image_size", "pool_size", "test_size
                  "evaluated_on", "batch_budget", "batch_size", "lr", "optimizer", "freeze_bn", "quick")
 # What a part written before a key existed ran: the test split at full size (quality-headroom.json predates both).
 PROTOCOL_DEFAULTS = {"validation": False, "quick": False}
+
+
+def on_validation(settings: dict[str, Any]) -> bool:
+    """Whether a run's settings say it was evaluated on a validation split: this script's ``validation`` or
+    ``quality.py --validation``'s ``evaluated_on``."""
+    return bool(settings.get("validation")) or str(settings.get("evaluated_on", "")).startswith("validation")
 
 
 def protocol_mismatch(settings: list[dict[str, Any]]) -> str:

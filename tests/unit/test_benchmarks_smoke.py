@@ -477,6 +477,16 @@ def test_headroom_merge_reads_a_missing_validation_or_quick_key_as_false():
     assert headroom.protocol_mismatch([old, {**old, "quick": True}]) == "quick: false vs true"
 
 
+def test_headroom_merge_names_quality_py_validation_parts_as_validation():
+    """quality.py --validation records ``evaluated_on`` (not ``validation``): its merged summary must still be
+    named -validation, or a validation run would read as a test-split result."""
+    headroom = _load_bench("quality_headroom.py")
+    assert headroom.on_validation({"validation": True})
+    assert headroom.on_validation({"evaluated_on": "validation (training split, disjoint from the pool)"})
+    assert not headroom.on_validation({"evaluated_on": "test split"})
+    assert not headroom.on_validation({})
+
+
 def test_probe_variant_names_carry_vecaf_options():
     probe = _load_bench("loss_weighting_probe.py")
     assert probe.parse_vecaf_variant("vent:0.5") == ("vent", 0.5, {})

@@ -562,6 +562,25 @@ def test_full_mode_trains_the_whole_network(data):
     assert result.top1 == pytest.approx(np.mean(logits.argmax(1) == y))
 
 
+def test_full_mode_trains_in_one_memory_layout_whatever_the_callers_model_has(data):
+    # vecaf.models.embed leaves a model channels_last; a seed's run must not depend on whether it ran first
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = TinyNet(num_classes=10, width=16).to(memory_format=layout)
+        results.append(finetune(
+            model, data["train_images"], data["test_images"], mode="full", method="margin", ratio=0.1,
+            loops=2, batch_budget=8, batch_size=16, lr=0.05, seed=3,
+        ))
+        weight = results[-1].model.conv.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        assert model.conv.weight.is_contiguous(memory_format=layout)  # the caller's model is left as it was
+    assert results[0].train_curve == results[1].train_curve and results[0].top1 == results[1].top1
+    assert [list(r.picks) for r in results[0].loops] == [list(r.picks) for r in results[1].loops]
+    for a, b in zip(results[0].model.state_dict().values(), results[1].model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_full_mode_loop_one_features_replace_the_first_pool_pass(data, monkeypatch):
     torch.manual_seed(0)
     model = TinyNet(num_classes=10)
