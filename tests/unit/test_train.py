@@ -579,6 +579,16 @@ def test_full_mode_trains_in_one_memory_layout_whatever_the_callers_model_has(da
     assert [list(r.picks) for r in results[0].loops] == [list(r.picks) for r in results[1].loops]
     for a, b in zip(results[0].model.state_dict().values(), results[1].model.state_dict().values()):
         assert torch.equal(a, b)
+    # head mode's feature pass through the caller's model runs in the same layout
+    heads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = TinyNet(num_classes=10, width=16)
+        model.load_state_dict(results[0].model.state_dict())
+        heads.append(finetune(
+            model.to(memory_format=layout), data["train_images"], data["test_images"], mode="head",
+            method="margin", ratio=0.1, loops=2, batch_budget=8, batch_size=16, lr=0.05, seed=3,
+        ))
+    assert heads[0].train_curve == heads[1].train_curve and heads[0].top1 == heads[1].top1
 
 
 def test_full_mode_loop_one_features_replace_the_first_pool_pass(data, monkeypatch):

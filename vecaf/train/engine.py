@@ -608,10 +608,6 @@ class _Run:
             backbone, note = prepare_backbone(self.model, self.num_classes, seed=head_seed)
             if note:
                 self._note(note, warn=True)
-            # One layout whatever the caller's model had (vecaf.models.embed leaves it channels_last): the
-            # float kernels, so a seed's result, depend on it; channels_last ran the full-mode benchmark's
-            # training and pool passes 1.6x faster than the contiguous layout on a 2-core AMD EPYC.
-            backbone.to(memory_format=torch.channels_last)
             self.net = Network(backbone, None)
             self.pool_rows = _as_rows(train_inputs, transform=self.transform, name="train_data")
             self.test_rows = _as_rows(test_inputs, transform=self.transform, name="test_data")
