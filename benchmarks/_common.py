@@ -225,6 +225,26 @@ def write_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     return out
 
 
+def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    """Write ``arrays`` to the ``.npz`` file ``path`` atomically: a temporary file named for this process, then a rename.
+
+    Benchmark caches are shared by the processes run side by side (one per seed); with a plain ``np.savez``
+    two of them writing the same cache at once could leave a mixed file for the next reader.
+    """
+    import numpy as np
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def run_and_report(
     parse_args: Callable[[list[str] | None], Any],
     run: Callable[[Any], dict[str, Any]],

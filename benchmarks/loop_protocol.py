@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._common import save_npz  # noqa: E402
+
 CACHE = Path(".vecaf/cache/loop-protocol.npz")
 DEMO = dict(mode="head", method="vecaf", loops=3, batch_budget=300, batch_size=32, lr=0.05, eta=1.0, lam_bw=0.998,
             selection_options={"loss_power": 0.5}, num_classes=10, device="cpu", return_model=False)  # fmt: skip
@@ -49,8 +51,7 @@ def features(path: Path = CACHE) -> None:
     captions = captioner.caption([pool.load_image(i) for i in range(len(pool))],
                                  [pool.class_names[int(y)] for y in pool.labels], batch_size=64)  # fmt: skip
     te = load_text_encoder().encode(captions, batch_size=64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, px=px, py=np.asarray(pool.labels), tx=tx, ty=np.asarray(test.labels), te=np.asarray(te))
+    save_npz(path, px=px, py=np.asarray(pool.labels), tx=tx, ty=np.asarray(test.labels), te=np.asarray(te))
     print(f"saved {path}: pool {px.shape}, test {tx.shape}, mean feature norm {np.linalg.norm(px, axis=1).mean():.1f}")
 
 

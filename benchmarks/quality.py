@@ -56,6 +56,8 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from benchmarks._common import save_npz  # noqa: E402
+
 DATASET = "fashion-mnist"
 PVM_NAME = "efficientnet_lite0"
 CAPTIONER = "imagenet-labels"
@@ -183,7 +185,7 @@ def load_inputs(args: argparse.Namespace, log) -> dict[str, Any]:
         log(f"embedding {len(dataset)} {split} images at {s['image_size']} px (cached in {path})")
         feats = embed(pvm, dataset, image_size=s["image_size"], batch_size=128, device=args.device, progress=False)
         timings[f"embed_{split}"] = time.perf_counter() - t0
-        np.savez(path, features=feats, ids=np.array(dataset.ids), labels=dataset.labels)
+        save_npz(path, features=feats, ids=np.array(dataset.ids), labels=dataset.labels)
         features[key] = feats
     text = load_text_embeddings(args, pvm, pool, log, timings)
     return {"pvm": pvm, "pool": pool, "test": test, "features": features, "text": text, "timings": timings}
@@ -228,7 +230,7 @@ def load_text_embeddings(args, pvm, pool, log, timings) -> np.ndarray:
     t0 = time.perf_counter()
     text = load_text_encoder(TEXT_ENCODER, device=args.device).encode(captions, batch_size=128)
     timings["encode_text"] = time.perf_counter() - t0
-    np.savez(path, text=text, ids=np.array(pool.ids), captions=np.array(captions))
+    save_npz(path, text=text, ids=np.array(pool.ids), captions=np.array(captions))
     return text
 
 

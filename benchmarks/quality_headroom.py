@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from benchmarks._common import save_npz  # noqa: E402
 from benchmarks.quality import b2a, machine, mean_se  # noqa: E402
 
 DATASET = "fashion-mnist"
@@ -148,7 +149,7 @@ def load_features(split: str, limit: int | None, cache: Path, log) -> dict[str, 
     t0 = time.perf_counter()
     feats = embed(load_pvm(PVM_NAME), dataset, image_size=IMAGE_SIZE, batch_size=128, device="cpu", progress=False)
     seconds = time.perf_counter() - t0
-    np.savez(path, features=feats.astype(np.float32), ids=np.array(dataset.ids), labels=np.asarray(dataset.labels))
+    save_npz(path, features=feats.astype(np.float32), ids=np.array(dataset.ids), labels=np.asarray(dataset.labels))
     return {"features": feats.astype(np.float32), "labels": np.asarray(dataset.labels), "seconds": seconds, "path": str(path)}
 
 
@@ -164,7 +165,7 @@ def load_text(split: str, limit: int | None, cache: Path, log) -> np.ndarray:
     captioner = load_captioner(CAPTIONER, pvm=load_pvm(PVM_NAME), device="cpu", image_size=IMAGE_SIZE)
     captions = captioner.caption(dataset.images, [dataset.class_names[y] for y in dataset.labels], batch_size=128)
     text = load_text_encoder(TEXT_ENCODER, device="cpu").encode(captions, batch_size=128)
-    np.savez(path, text=text, ids=np.array(dataset.ids), captions=np.array(captions))
+    save_npz(path, text=text, ids=np.array(dataset.ids), captions=np.array(captions))
     return text
 
 

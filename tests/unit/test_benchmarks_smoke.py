@@ -232,6 +232,24 @@ def test_rate_summary_is_n_over_seconds():
     assert summary["per_s"] == 25.0
 
 
+def test_save_npz_replaces_the_cache_whole_or_leaves_the_old_one(tmp_path):
+    common = _load_bench("_common.py")
+    path = tmp_path / "cache" / "features.npz"
+    common.save_npz(path, features=np.arange(6, dtype=np.float32).reshape(2, 3), ids=np.array(["a", "b"]))
+    stored = np.load(path)
+    np.testing.assert_array_equal(stored["features"], [[0, 1, 2], [3, 4, 5]])
+    assert list(stored["ids"]) == ["a", "b"]
+
+    class Unwritable:
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        common.save_npz(path, features=np.zeros((2, 3), dtype=np.float32), ids=Unwritable())
+    np.testing.assert_array_equal(np.load(path)["features"], [[0, 1, 2], [3, 4, 5]])  # the old cache, whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["features.npz"]  # no temporary file left
+
+
 # --- quality_headroom.py (issue 14) -----------------------------------------------------------------------
 
 
