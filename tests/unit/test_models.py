@@ -121,6 +121,25 @@ def test_embed_is_deterministic_ordered_and_takes_every_input_kind(pvm):
     assert np.allclose(by_array, by_dataset, atol=1e-4)
 
 
+def test_embed_runs_in_eval_mode_and_gives_the_model_back_in_the_mode_it_came_in(pvm):
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    in_eval = embed(pvm, x, device="cpu", progress=False)
+    assert not pvm.model.training
+    stats = {k: v.clone() for k, v in pvm.model.state_dict().items() if "running" in k}
+    pvm.model.train()
+    try:
+        in_train = embed(pvm, x, device="cpu", progress=False)
+        assert pvm.model.training and all(m.training for m in pvm.model.modules())
+        np.testing.assert_array_equal(in_train, in_eval)  # batch-norm used its running statistics
+        after = pvm.model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in stats.items())  # and did not update them
+        with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+            embed(pvm, torch.zeros(2, 1, 8, 8), device="cpu", progress=False)
+        assert pvm.model.training
+    finally:
+        pvm.model.eval()
+
+
 def test_embed_bad_input(pvm):
     with pytest.raises(ValueError, match="no images"):
         embed(pvm, [], device="cpu", progress=False)

@@ -447,7 +447,8 @@ def embed(
 
     Args:
         pvm: from :func:`load_pvm`; its model is moved to ``device`` in channels-last memory format (about
-            3x faster for depthwise convolutions on a CPU).
+            3x faster for depthwise convolutions on a CPU) and stays there; it runs in eval mode (batch-norm
+            running statistics, no dropout) and is given back in the train/eval mode it came in.
         images: an ``ImageDataset``, a ``TransformedDataset``, a list of PIL images / uint8 arrays, a uint8
             array (N, H, W[, C]), or an already normalised (N, 3, H, W) tensor.
         batch_size: images per forward pass.
@@ -463,15 +464,27 @@ def embed(
     Raises:
         ValueError: no images, or an input of an unsupported type or shape.
     """
-    from tqdm.auto import tqdm
-
     check_batch_size(batch_size)
     dataset = _as_input_dataset(pvm, images, image_size)
     n = len(dataset)
     if n == 0:
         raise ValueError("no images to embed")
     dev = device_of(device)
+    was_training = pvm.model.training
     pvm.model.to(dev).to(memory_format=torch.channels_last).eval()
+    try:
+        return _embed_batches(pvm, dataset, dev, batch_size, num_workers, progress, return_logits)
+    finally:
+        pvm.model.train(was_training)
+
+
+def _embed_batches(
+    pvm: PVM, dataset: Any, dev: torch.device, batch_size: int, num_workers: int, progress: bool, return_logits: bool
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """:func:`embed`'s loop over batches of a model already on ``dev``, channels-last and in eval mode."""
+    from tqdm.auto import tqdm
+
+    n = len(dataset)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
     )
