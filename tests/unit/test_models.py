@@ -136,6 +136,11 @@ def test_embed_runs_in_eval_mode_and_gives_the_model_back_in_the_mode_it_came_in
         with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
             embed(pvm, torch.zeros(2, 1, 8, 8), device="cpu", progress=False)
         assert pvm.model.training
+        norms = [m for m in pvm.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:  # finetune(freeze_bn=True)'s mixed modes: the network trains, its batch-norm does not
+            m.eval()
+        embed(pvm, x, device="cpu", progress=False)
+        assert pvm.model.training and norms and not any(m.training for m in norms)
     finally:
         pvm.model.eval()
 

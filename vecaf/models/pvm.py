@@ -448,7 +448,7 @@ def embed(
     Args:
         pvm: from :func:`load_pvm`; its model is moved to ``device`` in channels-last memory format (about
             3x faster for depthwise convolutions on a CPU) and stays there; it runs in eval mode (batch-norm
-            running statistics, no dropout) and is given back in the train/eval mode it came in.
+            running statistics, no dropout) and every module is given back in the train/eval mode it came in.
         images: an ``ImageDataset``, a ``TransformedDataset``, a list of PIL images / uint8 arrays, a uint8
             array (N, H, W[, C]), or an already normalised (N, 3, H, W) tensor.
         batch_size: images per forward pass.
@@ -470,12 +470,13 @@ def embed(
     if n == 0:
         raise ValueError("no images to embed")
     dev = device_of(device)
-    was_training = pvm.model.training
+    modes = [(module, module.training) for module in pvm.model.modules()]  # mixed, e.g. batch-norm frozen
     pvm.model.to(dev).to(memory_format=torch.channels_last).eval()
     try:
         return _embed_batches(pvm, dataset, dev, batch_size, num_workers, progress, return_logits)
     finally:
-        pvm.model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _embed_batches(
