@@ -422,6 +422,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratios = sorted({r["ratio"] for r in runs})
         seconds = {"parts": [part["seconds"] for part in parts],
                    "load_average_at_end_of_parts": [part.get("machine", {}).get("load_average_at_end") for part in parts]}
+        part_machines = [part_machine(part) for part in parts]
+        if len({json.dumps(m, sort_keys=True) for m in part_machines}) > 1:
+            log("--merge: the parts ran on different machines (CPU generation, ODS precision or GPU; see "
+                "part_machines): a paired difference is only read between runs of one machine")
     else:
         train = load_features("train", args.pool_limit, args.cache, log)
         if args.validation:
@@ -468,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "seeds": sorted({r["seed"] for r in runs})},
         "inputs": inputs,
         "machine": machine(),
+        **({"part_machines": part_machines} if args.merge else {}),
         "seconds": seconds,
         "summary": summary,
         "runs": runs,
@@ -512,6 +517,14 @@ def protocol_mismatch(settings: list[dict[str, Any]]) -> str:
         if len(set(values)) > 1:
             return f"{key}: {' vs '.join(sorted(set(values)))}"
     return ""
+
+
+def part_machine(part: dict[str, Any]) -> dict[str, Any]:
+    """Where a part's runs ran, as far as its ``machine`` says: the CPU model and generation, what ODS's
+    precision "auto" resolved to and the GPU (the same seed's figures differ between such machines; a merged
+    report's own ``machine`` is where the merge ran)."""
+    where = part.get("machine", {})
+    return {key: where.get(key) for key in ("cpu", "cpu_generation", "selection_precision", "cuda")}
 
 
 def normalized_run(run: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:

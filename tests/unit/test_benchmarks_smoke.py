@@ -430,6 +430,31 @@ def test_headroom_merges_quality_full_mode_reports_with_relabelled_methods(tmp_p
     assert vecaf["time_to_accuracy_s"]["0.7000"]["per_seed"][1] == pytest.approx(7.0)  # 0.70 at batch 10
 
 
+def test_headroom_merge_records_where_each_part_ran_and_warns_when_the_machines_differ(tmp_path, capsys):
+    """Two parts from CPUs of different generations (ODS in bfloat16 on one, float32 on the other): the merged
+    report lists each part's machine in order, and the log says their pairings cross machines."""
+    headroom = _load_bench("quality_headroom.py")
+    settings = {"mode": "full", "pool_size": 50, "test_size": 20, "batch_budget": 30}
+    zen5 = {"cpu": "AMD EPYC", "cpu_generation": {"family": "26", "model_number": "2", "avx512": True},
+            "selection_precision": "bfloat16", "cuda": None, "load_average_at_end": [1.0, 1.0, 1.0]}
+    zen3 = {**zen5, "cpu_generation": {"family": "25", "model_number": "1", "avx512": False},
+            "selection_precision": "float32"}
+    paths = []
+    for seed, where in enumerate([zen5, zen3, zen5]):
+        part = {"settings": settings, "seconds": {"total": 30.0}, "machine": where,
+                "runs": [_quality_run("vecaf-ods", seed, 0.8), _quality_run("random", seed, 0.7)]}
+        paths.append(tmp_path / f"q{seed}.json")
+        paths[-1].write_text(json.dumps(part))
+    report = headroom.main(["--merge", *map(str, paths[:2]), "--relabel", "vecaf-ods=vecaf", "--out", str(tmp_path)])
+    assert [m["selection_precision"] for m in report["part_machines"]] == ["bfloat16", "float32"]
+    assert report["part_machines"][1]["cpu_generation"]["family"] == "25"
+    assert "load_average_at_end" not in report["part_machines"][0]  # in seconds' load list, not here
+    assert "ran on different machines" in capsys.readouterr().err
+    report = headroom.main(["--merge", str(paths[0]), str(paths[2]), "--relabel", "vecaf-ods=vecaf", "--out", str(tmp_path)])
+    assert report["part_machines"] == [report["part_machines"][0]] * 2
+    assert "ran on different machines" not in capsys.readouterr().err
+
+
 # --- loss_weighting_probe.py (issue 14: which weights VeCAF's selection should use) ---------------------------
 
 
