@@ -194,11 +194,20 @@ def _final(flow_run_id: Any, timeout: float) -> Any:
         )
 
 
-def _logs(flow_run_id: Any) -> list[str]:
+def _logs(flow_run_id: Any, saying: str, timeout: float = 60.0, at_start: bool = False) -> list[str]:
+    """The flow run's log messages that contain ``saying`` (or start with it), once at least one has arrived.
+
+    A flow-run process ships its logs in batches and sends the last ones after it has set the final state,
+    so a run can read COMPLETED before its log lines are on the server: poll for them, don't read once.
+    """
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with _client() as client:
-        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+    def matching() -> list[str]:
+        with _client() as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        return [m for m in (log.message for log in logs) if (m.startswith(saying) if at_start else saying in m)]
+
+    return _wait(f"flow run {flow_run_id} logs {saying!r}", matching, timeout, poll=1.0)
 
 
 def test_filesystem_lease_storage_keeps_the_lease_across_a_restart(tmp_path):
@@ -241,8 +250,7 @@ def test_stack_restart_mid_task_leaks_the_slot_until_watched_or_reconciled(own):
     done = _final(waiting.id, 240)
     waited = time.monotonic() - started
     assert done.state.is_completed(), done.state.message
-    messages = [m for m in _logs(waiting.id) if "waits for a 'gpu' slot" in m]
-    assert messages, "the waiting run should say which slot it waits for"
+    messages = _logs(waiting.id, "waits for a 'gpu' slot")  # the waiting run says which slot it waits for
     assert "held by nobody" in messages[0] and "freed" in messages[0], messages[0]
     assert _gpu_usage().active == 0
     print(f"\nrun after restart completed in {waited:.1f} s; message: {messages[0]}")
@@ -331,8 +339,8 @@ def test_kill_9_of_the_flow_run_process_leaves_nothing_running_after_reconcile(o
     started = time.monotonic()
     nxt = _final(_run({"seconds": 1, "watch_s": 600, "reconcile_first": True}).id, 300)
     assert nxt.state.is_completed(), nxt.state.message
-    said = [m for m in _logs(nxt.id) if m.startswith("reconcile: ")]
-    assert said and "errors" not in said[0], said
+    said = _logs(nxt.id, "reconcile: ", at_start=True)
+    assert "errors" not in said[0], said
     print(f"\nstuck before reconcile: {before}; reconcile: {report.summary()}; "
           f"next run completed in {time.monotonic() - started:.1f} s")  # fmt: skip
 
