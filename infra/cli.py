@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -169,17 +171,22 @@ def _trigger_or_exit(settings: Any, deployment: str, parameters: dict[str, Any])
         raise typer.Exit(2) from exc
 
 
-def describe_failure(flow_run_id: Any, *, max_depth: int = 4, error_logs: int = 3) -> list[str]:
+def describe_failure(
+    flow_run_id: Any, *, max_depth: int = 4, error_logs: int = 3, log_wait_s: float = 10.0
+) -> list[str]:
     """Why a flow run did not complete: its state message, the failed subflows and task runs with theirs.
 
     Reads, through the current Prefect API, the flow run's state; its child flow runs (subflows) and task
     runs that ended FAILED or CRASHED, recursively; and, for a run with no failed child (e.g. a crash of
-    its process), its last ERROR log lines.
+    its process), its last ERROR log lines. A flow-run process sends its last log lines when it exits,
+    after it has set the final state: for a run that ended less than ``log_wait_s`` ago, an empty answer
+    is asked again until that much time has passed since the end, so they are not missed.
 
     Args:
         flow_run_id: the flow run.
         max_depth: how deep subflows are followed.
         error_logs: how many ERROR log messages to show for a run without a failed child.
+        log_wait_s: how long after a run's end its ERROR log lines are waited for (0: read once).
 
     Returns:
         Indented lines, the first one for the run itself.
@@ -210,6 +217,23 @@ def describe_failure(flow_run_id: Any, *, max_depth: int = 4, error_logs: int = 
     lines: list[str] = []
     with get_client(sync_client=True) as client:
 
+        def error_log_lines(run: Any) -> list[Any]:
+            """The run's last ``error_logs`` ERROR lines, newest first; waited for while its end is recent."""
+            ended = run.state.timestamp if run.state is not None else None
+            wait = 0.0 if ended is None else log_wait_s - (datetime.now(timezone.utc) - ended).total_seconds()
+            deadline = time.monotonic() + min(max(wait, 0.0), log_wait_s)
+            while True:
+                logs = client.read_logs(
+                    log_filter=LogFilter(
+                        flow_run_id=LogFilterFlowRunId(any_=[run.id]), level=LogFilterLevel(ge_=40)
+                    ),
+                    sort=LogSort.TIMESTAMP_DESC,
+                    limit=error_logs,
+                )
+                if logs or time.monotonic() >= deadline:
+                    return logs
+                time.sleep(0.5)
+
         def walk(run: Any, depth: int, label: str) -> None:
             pad = "  " * depth
             lines.append(f"{pad}{label} {run.name!r}: {message(run.state)}")
@@ -231,14 +255,7 @@ def describe_failure(flow_run_id: Any, *, max_depth: int = 4, error_logs: int = 
             for task_run in failed_tasks:
                 lines.append(f"{pad}  task {task_run.name}: {message(task_run.state)}")
             if not failed_subflows and not failed_tasks and error_logs:
-                logs = client.read_logs(
-                    log_filter=LogFilter(
-                        flow_run_id=LogFilterFlowRunId(any_=[run.id]), level=LogFilterLevel(ge_=40)
-                    ),
-                    sort=LogSort.TIMESTAMP_DESC,
-                    limit=error_logs,
-                )
-                for log in reversed(logs):
+                for log in reversed(error_log_lines(run)):
                     text = [ln for ln in log.message.strip().splitlines() if ln.strip()]
                     if text:
                         lines.append(f"{pad}  log: {text[-1].strip()[:500]}")

@@ -9,11 +9,13 @@ Against the session stack (Prefect server + worker, MLflow, S3, Feast):
   fails naming the class, and no MLflow run or model version exists. An unknown top-level parameter and a
   10,000-character ``ood_prompt`` sent to the deployments are refused by the Prefect server: no flow run
   is created.
-- Finding 9: ``vecaf run`` of a pipeline that fails prints the failing subflow and task with their error.
+- Finding 9: ``vecaf run`` of a pipeline that fails prints the failing subflow and task with their error;
+  a failed run's ERROR lines that reach the server after its final state are still printed.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,51 @@ def test_vecaf_run_says_which_subflow_and_task_failed_and_why(deployed, tmp_path
     assert any(ln.strip().startswith("subflow featurize ") and "Failed" in ln for ln in lines), out
     task_lines = [ln for ln in lines if ln.strip().startswith("task load-dataset")]
     assert task_lines and f"image folder {missing} does not exist" in task_lines[0], out
+
+
+def test_a_failed_runs_error_lines_that_arrive_after_its_end_are_still_reported(env):
+    """A flow-run process sends its last log lines at exit, after its final state: ``describe_failure`` waits.
+
+    A FAILED run with no failed child gets its ERROR line 2 s after it ended (as a process shipping its last
+    batch would); the report holds it. Read once, as before, it held only the state line.
+    """
+    import contextvars
+    import threading
+    from datetime import datetime, timezone
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import LogCreate
+    from prefect.states import Failed
+
+    from infra.cli import describe_failure
+
+    @flow(name="late-logs")
+    def late_logs() -> None:
+        """Only its name is used: the run is made through the API."""
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(late_logs, state=Failed(message="Flow run encountered an exception"))
+        quiet = client.create_flow_run(late_logs, state=Failed(message="Flow run process exited"))
+
+    def late_line() -> None:
+        time.sleep(2.0)
+        with get_client(sync_client=True) as client:
+            client.create_logs([LogCreate(
+                name="prefect.flow_runs", level=40, message="Traceback ...\nValueError: the late line",
+                timestamp=datetime.now(timezone.utc), flow_run_id=run.id,
+            )])  # fmt: skip
+
+    sender = threading.Thread(target=contextvars.copy_context().run, args=(late_line,))  # this stack's API
+    sender.start()
+    try:
+        lines = describe_failure(run.id, log_wait_s=30.0)
+    finally:
+        sender.join()
+    assert lines == [
+        f"flow late-logs {run.name!r}: Failed: Flow run encountered an exception",
+        "  log: ValueError: the late line",
+    ], lines
+    # A run whose error lines never come: the state line alone, once the wait is over.
+    quiet_lines = describe_failure(quiet.id, log_wait_s=1.0)
+    assert quiet_lines == [f"flow late-logs {quiet.name!r}: Failed: Flow run process exited"], quiet_lines
